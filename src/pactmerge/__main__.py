@@ -1,0 +1,3 @@
+from pactmerge.cli import app
+
+app()

@@ -1,0 +1,119 @@
+"""The Python API: merge from a config (YAML path, mapping or MergeConfig) to memory or disk."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from pactmerge import __version__
+from pactmerge.config import MergeConfig, config_to_yaml, load_config
+from pactmerge.engine import iter_merged_params, open_inputs, resolve_device
+from pactmerge.io.sources import Source
+from pactmerge.io.writer import ShardedWriter, atomic_output_dir, copy_non_weight_files, parse_size
+
+
+def merge(
+    config: MergeConfig | dict | str | os.PathLike | None = None,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: bool = False,
+    **overrides: Any,
+) -> dict[str, Tensor] | Path:
+    """Merge models as ``config`` says.
+
+    Args:
+        config: a :class:`MergeConfig`, a mapping with the YAML keys, or a YAML file path. Model
+            references may be paths or in-memory ``dict[str, Tensor]`` state dicts.
+        output_dir: if given, write an HF-style folder there (atomically) and return its path;
+            otherwise return the merged state dict.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        overwrite: replace an existing ``output_dir``.
+        **overrides: config keys given directly, e.g. ``merge(base_model=sd0, models=[sd1, sd2],
+            method="iso_c", pact={"K": 15, "k": 8})``.
+
+    Returns:
+        ``dict[str, Tensor]`` (CPU tensors, in the output dtype) or the output folder's path.
+    """
+    if config is None:
+        cfg = load_config(overrides)
+    else:
+        cfg = load_config(config)
+        if overrides:
+            cfg = load_config({**cfg.model_dump(), **overrides})
+    dev = resolve_device(device)
+    inputs = open_inputs(cfg)
+    try:
+        if output_dir is None:
+            return dict(iter_merged_params(inputs, dev, progress))
+        return _write(inputs, Path(output_dir), dev, overwrite, progress)
+    finally:
+        inputs.close()
+
+
+def _write(inputs, output_dir: Path, device, overwrite: bool, progress: bool) -> Path:
+    cfg = inputs.cfg
+    start = time.perf_counter()
+    with atomic_output_dir(output_dir, overwrite) as tmp:
+        writer = ShardedWriter(tmp, parse_size(cfg.max_shard_size))
+        for name, tensor in iter_merged_params(inputs, device, progress):
+            writer.add(name, tensor)
+        files = writer.close()
+        copied = copy_non_weight_files(inputs.base.folder, tmp) if inputs.base.folder else []
+        (tmp / "pactmerge_config.yaml").write_text(config_to_yaml(cfg))
+        (tmp / "README.md").write_text(_merge_card(cfg, inputs, files, copied, time.perf_counter() - start))
+    return output_dir
+
+
+def _merge_card(cfg: MergeConfig, inputs, files: list[str], copied: list[str], seconds: float) -> str:
+    def label(src: Source) -> str:
+        return src.label
+
+    filters = [spec.name for spec, _ in cfg.resolved_filters()]
+    lines = [
+        "---",
+        "tags: [merge, pactmerge]",
+        "---",
+        "# Merged model",
+        "",
+        f"Merged with pactmerge {__version__}: method `{cfg.method}`"
+        + (f" after filters `{' -> '.join(filters)}`" if filters else "")
+        + f", alpha = {cfg.alpha}.",
+        "",
+        f"- base model: `{label(inputs.base)}`",
+        *[f"- model {i}: `{label(s)}` (weight {m.weight})" for i, (s, m) in enumerate(zip(inputs.models, cfg.models))],
+        f"- {len(inputs.plan.params)} parameters in {len(files)} file(s); copied from the base folder: {', '.join(copied) or 'none'}",
+        f"- merge time: {seconds:.1f} s",
+        "",
+        "## Configuration",
+        "",
+        "```yaml",
+        config_to_yaml(cfg).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def dry_run(config: MergeConfig | dict | str | os.PathLike, progress: bool = False) -> str:
+    """Validate every input fully (keys, shapes, dtypes, and every tensor finite) and return the plan."""
+    from tqdm.auto import tqdm
+    import sys
+
+    from pactmerge.plan import check_finite
+
+    cfg = load_config(config)
+    inputs = open_inputs(cfg)
+    try:
+        for info in tqdm(inputs.plan.params, desc="checking", unit="param", disable=not progress, file=sys.stderr):
+            for src in [inputs.base, *inputs.models]:
+                check_finite(src.get(info.name), src.label, info.name)
+        depth = [(spec.name, getattr(p, "depth", 1.0)) for spec, p in cfg.resolved_filters()]
+        return inputs.plan.describe(depth)
+    finally:
+        inputs.close()

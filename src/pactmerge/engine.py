@@ -1,0 +1,174 @@
+"""The streaming merge engine: one parameter at a time through filters and a method.
+
+For each parameter of the plan::
+
+    Delta_t = theta_t - theta_0          (compute dtype, on the device)
+    Delta_t <- filter(...)               for each configured filter, in order
+    merged  = method(theta_0, Delta_1..T)
+    theta   = theta_0 + alpha * merged   (cast to the output dtype, moved to the CPU)
+
+Only ``T + 1`` input tensors of one parameter (plus the method's workspace) are in memory at a
+time; the sources are read lazily and the writer flushes shards as they fill. Parameters that
+are excluded or not floating point are copied from the base.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from pactmerge.config import DTYPES, MergeConfig
+from pactmerge.errors import PactMergeError
+from pactmerge.io.sources import Source
+from pactmerge.plan import Plan, build_plan, check_finite, make_context
+from pactmerge.registry import ParamContext, ParamInfo
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PactMergeError(f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device)
+
+
+@dataclass
+class MergeInputs:
+    """Opened sources plus the checked plan."""
+
+    cfg: MergeConfig
+    base: Source
+    models: list[Source]
+    plan: Plan
+
+    def close(self) -> None:
+        for s in [self.base, *self.models]:
+            s.close()
+
+
+def open_inputs(cfg: MergeConfig) -> MergeInputs:
+    from pactmerge.io.sources import open_source
+
+    opened: list[Source] = []
+    try:
+        base = open_source(cfg.base_model, "<in-memory base model>")
+        opened.append(base)
+        models = []
+        for i, entry in enumerate(cfg.models):
+            src = open_source(entry.model, f"<in-memory model {i}>")
+            opened.append(src)
+            models.append(src)
+        plan = build_plan(cfg, base, models)
+        inputs = MergeInputs(cfg, base, models, plan)
+        check_plan(inputs)
+        return inputs
+    except BaseException:
+        for s in opened:
+            s.close()
+        raise
+
+
+def check_plan(inputs: MergeInputs) -> None:
+    """Let every method/filter reject parameters up front (e.g. a rank out of range)."""
+    specs = [inputs.cfg.resolved_method(), *inputs.cfg.resolved_filters()]
+    for info in inputs.plan.params:
+        if info.kind == "copy":
+            continue
+        for spec, params in specs:
+            if spec.check is not None:
+                spec.check(params, info)
+
+
+def _read_deltas(inputs: MergeInputs, info: ParamInfo, device: torch.device) -> tuple[Tensor, list[Tensor]]:
+    dtype = inputs.cfg.compute_dtype
+    raw = inputs.base.get(info.name)
+    check_finite(raw, inputs.base.label, info.name)
+    base = raw.to(device=device, dtype=dtype)
+    del raw
+    deltas = []
+    for src in inputs.models:
+        t = src.get(info.name)
+        check_finite(t, src.label, info.name)
+        # get() returns a private copy, so subtracting in place is safe even when .to() is a no-op.
+        deltas.append(t.to(device=device, dtype=dtype).sub_(base))
+        del t
+    return base, deltas
+
+
+def _apply_filters(filters, base, deltas, ctx, upto: int | None = None) -> list[Tensor]:
+    for spec, params in filters[:upto]:
+        deltas = spec.fn(base, deltas, ctx, params)
+    return deltas
+
+
+def _run_prepare_passes(inputs: MergeInputs, device: torch.device, progress: bool) -> dict:
+    """Model-wide statistics for methods/filters that declare ``prepare`` (explicit first pass)."""
+    cfg = inputs.cfg
+    filters = cfg.resolved_filters()
+    method = cfg.resolved_method()
+    stats: dict = {}
+    stages = [(i, f) for i, f in enumerate(filters) if f[0].prepare is not None]
+    if method[0].prepare is not None:
+        stages.append((len(filters), method))
+    for position, (spec, params) in stages:
+
+        def stream(position=position):
+            for info in inputs.plan.params:
+                if info.kind == "copy":
+                    continue
+                ctx = make_context(cfg, info, stats)
+                base, deltas = _read_deltas(inputs, info, device)
+                yield ctx, base, _apply_filters(filters, base, deltas, ctx, upto=position)
+
+        bar = tqdm(desc=f"{spec.name}: first pass", total=None, disable=not progress, file=sys.stderr, leave=False)
+        try:
+            stats[spec.name] = spec.prepare(stream(), params)
+        finally:
+            bar.close()
+    return stats
+
+
+def iter_merged_deltas(
+    inputs: MergeInputs, device: str | torch.device = "cpu", progress: bool = False
+) -> Iterator[tuple[ParamInfo, Tensor, Tensor | None]]:
+    """Yield ``(info, base, merged_delta)`` per parameter, in the plan's order.
+
+    ``base`` and ``merged_delta`` are in the compute dtype on ``device``; ``merged_delta`` is None
+    for copied parameters. The caller forms ``base + alpha * merged_delta`` (so one pass serves a
+    whole grid of alpha values).
+    """
+    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    cfg = inputs.cfg
+    filters = cfg.resolved_filters()
+    method_spec, method_params = cfg.resolved_method()
+    stats = _run_prepare_passes(inputs, device, progress)
+    for info in tqdm(inputs.plan.params, desc="merging", unit="param", disable=not progress, file=sys.stderr):
+        if info.kind == "copy":
+            yield info, inputs.base.get(info.name), None
+            continue
+        ctx: ParamContext = make_context(cfg, info, stats)
+        base, deltas = _read_deltas(inputs, info, device)
+        deltas = _apply_filters(filters, base, deltas, ctx)
+        merged = method_spec.fn(base, deltas, ctx, method_params)
+        del deltas
+        check_finite(merged, f"method {cfg.method}", info.name)
+        yield info, base, merged
+
+
+def iter_merged_params(
+    inputs: MergeInputs, device: str | torch.device = "cpu", progress: bool = False
+) -> Iterator[tuple[str, Tensor]]:
+    """Yield ``(name, theta)`` with ``theta = theta_0 + alpha * merged`` in the output dtype, on the CPU."""
+    cfg = inputs.cfg
+    out_dtype = DTYPES[cfg.out_dtype] if cfg.out_dtype else None
+    for info, base, merged in iter_merged_deltas(inputs, device, progress):
+        if merged is None:
+            yield info.name, base
+            continue
+        theta = base.add_(merged, alpha=cfg.alpha)
+        yield info.name, theta.to(dtype=out_dtype or info.dtype).cpu()

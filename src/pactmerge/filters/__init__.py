@@ -1,0 +1,3 @@
+"""Task-vector filters. Each module registers its filters on import."""
+
+from pactmerge.filters import pact  # noqa: F401

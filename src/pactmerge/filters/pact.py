@@ -1,0 +1,96 @@
+"""PACT: Preserving Anchored Cores in Task-vectors (pact.txt, Eqs. 4, 5, 8, 9; Algorithm 1).
+
+For one 2-D parameter with pretrained weight theta_0 (m x n) and task vectors Delta_t:
+
+    V_{0,K}      top-K right singular vectors of theta_0                      (Eq. 4)
+    V_{t,k}      top-k right singular vectors of Delta_t                      (Eq. 4)
+    V_{t,LBW}    orth((I - V_{t,k} V_{t,k}^T) V_{0,K})                         (Eq. 5)
+    P_t          orth([V_{j,LBW} for every j != t])                            (Eq. 8)
+    Delta~_t     Delta_t - Delta_t P_t P_t^T                                   (Eq. 9)
+
+1-D parameters bypass the filter (Appendix E.2); so do layers beyond ``depth`` (Appendix D.2).
+``orth`` is rank-revealing (:func:`pactmerge.linalg.orth`): the LBW subspaces of different tasks
+overlap almost entirely, and the dependent columns of their concatenation must not be turned
+into invented directions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from pactmerge.errors import PactMergeError
+from pactmerge.linalg import orth, top_right_singular_vectors
+from pactmerge.registry import ParamContext, ParamInfo, Params, register_filter
+
+
+class PactParams(Params):
+    K: int = Field(15, ge=0, description="rank of the pretrained core V_{0,K}")
+    k: int = Field(8, ge=0, description="rank of each task's active subspace V_{t,k}")
+    svd: Literal["exact", "randomized"] = "exact"
+    oversample: int = Field(10, ge=0, description="randomized SVD: extra sketch columns")
+    power_iters: int = Field(2, ge=0, description="randomized SVD: power iterations")
+    depth: float = Field(1.0, ge=0.0, le=1.0, description="fraction of layers, from the input side, that are filtered")
+    orth_rtol: float | None = Field(
+        None, gt=0, description="rank tolerance of orth(), relative to the largest singular value; default max(n, c)*eps"
+    )
+
+
+@dataclass
+class PactSubspaces:
+    """The subspaces PACT computes for one parameter (also used by the diagnostics)."""
+
+    core: Tensor  # V_{0,K}: (n, K)
+    active: list[Tensor]  # V_{t,k}: (n, k) each
+    lbw: list[Tensor]  # V_{t,LBW}: (n, d_t) each, d_t <= K
+    protect: list[Tensor]  # P_t: (n, p_t) each
+
+
+def _top(a: Tensor, r: int, p: PactParams, ctx: ParamContext | None, salt: int) -> Tensor:
+    gen = ctx.generator(salt) if (ctx is not None and p.svd == "randomized") else None
+    return top_right_singular_vectors(
+        a, r, method=p.svd, oversample=p.oversample, power_iters=p.power_iters, generator=gen
+    )
+
+
+def pact_subspaces(base: Tensor, deltas: list[Tensor], p: PactParams, ctx: ParamContext | None = None) -> PactSubspaces:
+    """Compute V_{0,K}, V_{t,k}, V_{t,LBW} and the protection bases P_t of every task.
+
+    Args:
+        base: ``(m, n)`` pretrained weight.
+        deltas: ``T`` task vectors of shape ``(m, n)``, in the compute dtype.
+    """
+    core = _top(base, p.K, p, ctx, salt=0)
+    active = [_top(d, p.k, p, ctx, salt=t + 1) for t, d in enumerate(deltas)]
+    lbw = [orth(core - v @ (v.mT @ core), rtol=p.orth_rtol) for v in active]
+    protect = []
+    for t in range(len(deltas)):
+        others = [lbw[j] for j in range(len(deltas)) if j != t]
+        stacked = torch.cat(others, dim=1) if others else base.new_zeros((base.shape[1], 0))
+        protect.append(orth(stacked, rtol=p.orth_rtol))
+    return PactSubspaces(core, active, lbw, protect)
+
+
+def _check(p: PactParams, info: ParamInfo) -> None:
+    if not info.is_matrix or not info.in_depth(p.depth):
+        return
+    r = min(info.shape)
+    for key in ("K", "k"):
+        if getattr(p, key) > r:
+            raise PactMergeError(
+                f"parameter {info.name!r} {tuple(info.shape)}: pact.{key}={getattr(p, key)} exceeds min(m, n)={r}"
+                f" (lower pact.{key} or exclude the parameter)"
+            )
+
+
+@register_filter("pact", params=PactParams, check=_check)
+def pact(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: PactParams) -> list[Tensor]:
+    """Strip each task vector of its projection onto the other tasks' load-bearing-wall subspaces."""
+    if not ctx.info.is_matrix or not ctx.info.in_depth(p.depth) or len(deltas) < 2 or p.K == 0:
+        return deltas
+    sub = pact_subspaces(base, deltas, p, ctx)
+    return [d - (d @ P) @ P.mT for d, P in zip(deltas, sub.protect)]

@@ -1,0 +1,276 @@
+"""Lazy checkpoint sources.
+
+A :class:`Source` knows every parameter's name, shape and dtype without reading data, and reads
+one tensor at a time. Supported inputs:
+
+* a Hugging Face model folder: ``model.safetensors``, or shards ``model-*.safetensors`` with
+  ``model.safetensors.index.json``; ``pytorch_model.bin`` (or its sharded index) as a fallback;
+* a single ``.safetensors`` file (memory-mapped; our own header parser, so truncation and
+  corruption are reported with the file and parameter name);
+* a PyTorch ``.bin`` / ``.pt`` state dict, loaded with ``weights_only=True`` (never unpickling
+  arbitrary objects) and ``mmap=True`` where the file format allows;
+* an in-memory ``dict[str, Tensor]`` (Python API).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from pactmerge.errors import PactMergeError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+if hasattr(torch, "float8_e4m3fn"):
+    SAFETENSORS_DTYPES.update({"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2})
+
+_PAGE = mmap.PAGESIZE
+
+
+class Source:
+    """A lazily-read checkpoint. Subclasses fill ``_meta`` (name -> (shape, dtype)) in order."""
+
+    def __init__(self, label: str, folder: Path | None = None):
+        self.label = label  # how errors name this input (a path, or "<in-memory model 2>")
+        self.folder = folder  # an HF folder whose non-weight files may be copied to the output
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+
+    def names(self) -> list[str]:
+        return list(self._meta)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._meta
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[name][0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._meta[name][1]
+
+    def get(self, name: str) -> Tensor:
+        """Read one tensor into memory (a private copy, safe to modify)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class DictSource(Source):
+    def __init__(self, state: Mapping[str, Tensor], label: str):
+        super().__init__(label)
+        self._state = state
+        for name, t in state.items():
+            if not isinstance(t, Tensor):
+                raise PactMergeError(f"{label}: parameter {name!r} is a {type(t).__name__}, not a torch.Tensor")
+            self._meta[name] = (tuple(t.shape), t.dtype)
+
+    def get(self, name: str) -> Tensor:
+        return self._state[name].detach().to("cpu").clone()
+
+
+class SafetensorsFile(Source):
+    """One ``.safetensors`` file, memory-mapped; the header is parsed and checked up front."""
+
+    def __init__(self, path: Path, folder: Path | None = None):
+        super().__init__(str(path), folder)
+        self.path = path
+        try:
+            self._file = open(path, "rb")
+        except OSError as e:
+            raise PactMergeError(f"{path}: cannot open ({e.strerror})") from None
+        size = os.fstat(self._file.fileno()).st_size
+        if size < 8:
+            raise PactMergeError(f"{path}: truncated or corrupt safetensors file (only {size} bytes)")
+        (header_len,) = struct.unpack("<Q", self._file.read(8))
+        if header_len > size - 8 or header_len > 100 * 2**20:
+            raise PactMergeError(f"{path}: truncated or corrupt safetensors file (header length {header_len} > file size)")
+        try:
+            header = json.loads(self._file.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PactMergeError(f"{path}: corrupt safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise PactMergeError(f"{path}: corrupt safetensors header (not a JSON object)")
+        self._data_start = 8 + header_len
+        self._offsets: dict[str, tuple[int, int]] = {}
+        data_len = size - self._data_start
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+                shape = tuple(int(s) for s in entry["shape"])
+                begin, end = (int(o) for o in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise PactMergeError(f"{path}: corrupt safetensors header entry for parameter {name!r}") from None
+            numel = 1
+            for s in shape:
+                numel *= s
+            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+            if end - begin != nbytes or begin < 0:
+                raise PactMergeError(f"{path}: corrupt safetensors file: parameter {name!r} has {end - begin} bytes, expected {nbytes}")
+            if end > data_len:
+                raise PactMergeError(f"{path}: truncated safetensors file: parameter {name!r} ends past the end of the file")
+            self._meta[name] = (shape, dtype)
+            self._offsets[name] = (begin, end)
+        # Keep the checkpoint's own order of parameters (by file offset), as written.
+        self._meta = dict(sorted(self._meta.items(), key=lambda kv: self._offsets[kv[0]][0]))
+        self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
+
+    def get(self, name: str) -> Tensor:
+        shape, dtype = self._meta[name]
+        begin, end = self._offsets[name]
+        start = self._data_start + begin
+        stop = self._data_start + end
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        if end > begin:
+            buf.numpy()[:] = memoryview(self._mm)[start:stop]
+            # Drop the mapped pages from this process's resident set (they stay in the page
+            # cache): otherwise RSS would grow to the whole checkpoint over a merge.
+            aligned = start - start % _PAGE
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED, aligned, stop - aligned)
+            except (AttributeError, OSError, ValueError):
+                pass
+        return buf.view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+        self._file.close()
+
+
+class TorchFile(Source):
+    """A PyTorch state dict (``.bin`` / ``.pt``), loaded with ``weights_only=True``."""
+
+    def __init__(self, path: Path, folder: Path | None = None):
+        super().__init__(str(path), folder)
+        if not path.is_file():
+            raise PactMergeError(f"{path}: no such file")
+        try:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        except Exception as e:  # noqa: BLE001 -- torch raises many types for a bad file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PactMergeError(f"{path}: cannot load as a weights-only PyTorch state dict ({first})") from None
+        if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+            state = state["state_dict"]
+        if not isinstance(state, Mapping):
+            raise PactMergeError(f"{path}: not a state dict (a {type(state).__name__})")
+        self._state = {}
+        for name, t in state.items():
+            if not isinstance(t, Tensor):
+                raise PactMergeError(f"{path}: entry {name!r} is a {type(t).__name__}, not a tensor")
+            self._state[name] = t
+            self._meta[name] = (tuple(t.shape), t.dtype)
+
+    def get(self, name: str) -> Tensor:
+        return self._state[name].clone()
+
+
+class MultiFileSource(Source):
+    """Several files (shards) seen as one checkpoint."""
+
+    def __init__(self, label: str, parts: list[Source], folder: Path | None = None):
+        super().__init__(label, folder)
+        self._parts = parts
+        self._where: dict[str, Source] = {}
+        for part in parts:
+            for name in part.names():
+                if name in self._where:
+                    raise PactMergeError(f"{label}: parameter {name!r} appears in two shards ({self._where[name].label}, {part.label})")
+                self._where[name] = part
+                self._meta[name] = (part.shape(name), part.dtype(name))
+
+    def get(self, name: str) -> Tensor:
+        return self._where[name].get(name)
+
+    def close(self) -> None:
+        for p in self._parts:
+            p.close()
+
+
+def _open_file(path: Path, folder: Path | None = None) -> Source:
+    if path.suffix == ".safetensors":
+        return SafetensorsFile(path, folder)
+    if path.suffix in (".bin", ".pt", ".pth"):
+        return TorchFile(path, folder)
+    raise PactMergeError(f"{path}: unsupported checkpoint file (expected .safetensors, .bin, .pt or an HF model folder)")
+
+
+def _open_index(folder: Path, index: Path) -> Source:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PactMergeError(f"{index}: cannot read the shard index ({e})") from None
+    files = list(dict.fromkeys(weight_map.values()))  # first-appearance order
+    parts = []
+    for f in files:
+        shard = folder / f
+        if not shard.is_file():
+            raise PactMergeError(f"{shard}: shard listed in {index.name} is missing")
+        parts.append(_open_file(shard, folder))
+    src = MultiFileSource(str(folder), parts, folder)
+    missing = [n for n in weight_map if n not in src]
+    if missing:
+        raise PactMergeError(f"{index}: parameter {missing[0]!r} is listed but not in its shard {weight_map[missing[0]]}")
+    return src
+
+
+def _open_folder(folder: Path) -> Source:
+    for single, index in (
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
+        if (folder / single).is_file():
+            return _open_file(folder / single, folder)
+        if (folder / index).is_file():
+            return _open_index(folder, folder / index)
+    shards = sorted(folder.glob("model-*.safetensors"))
+    if shards:  # shards without an index: take them all
+        return MultiFileSource(str(folder), [_open_file(s, folder) for s in shards], folder)
+    raise PactMergeError(
+        f"{folder}: no weights found (expected model.safetensors, model-*.safetensors with "
+        "model.safetensors.index.json, or pytorch_model.bin)"
+    )
+
+
+def open_source(spec: str | os.PathLike | Mapping[str, Tensor], label: str | None = None) -> Source:
+    """Open a checkpoint lazily: an HF folder, a .safetensors / .bin / .pt file, or a state dict."""
+    if isinstance(spec, Source):
+        return spec
+    if isinstance(spec, Mapping):
+        return DictSource(spec, label or "<in-memory state dict>")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _open_folder(path)
+    if not path.exists():
+        raise PactMergeError(f"{path}: no such file or directory")
+    return _open_file(path)

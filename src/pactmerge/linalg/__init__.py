@@ -1,0 +1,19 @@
+"""Small numerical building blocks: exact and randomized top-k SVD, rank-revealing orth, polar factor."""
+
+from pactmerge.linalg.core import (
+    default_rtol,
+    numerical_rank,
+    orth,
+    polar_factor,
+    randomized_svd,
+    top_right_singular_vectors,
+)
+
+__all__ = [
+    "default_rtol",
+    "numerical_rank",
+    "orth",
+    "polar_factor",
+    "randomized_svd",
+    "top_right_singular_vectors",
+]

@@ -1,0 +1,20 @@
+"""Task Arithmetic (Ilharco et al. 2023): the merged task vector is sum_t w_t Delta_t."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from pactmerge.registry import NoParams, ParamContext, register_method
+
+
+def weighted_sum(deltas: list[Tensor], weights: list[float]) -> Tensor:
+    out = deltas[0] * weights[0]
+    for d, w in zip(deltas[1:], weights[1:]):
+        out = out + d * w
+    return out
+
+
+@register_method("task_arithmetic", params=NoParams)
+def task_arithmetic(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: NoParams) -> Tensor:
+    """sum_t w_t * Delta_t (w_t = the model's `weight`, default 1); alpha scales the result."""
+    return weighted_sum(deltas, ctx.weights)
