@@ -112,7 +112,7 @@ def dry_run(config: MergeConfig | dict | str | os.PathLike, progress: bool = Fal
     try:
         for info in tqdm(inputs.plan.params, desc="checking", unit="param", disable=not progress, file=sys.stderr):
             for src in [inputs.base, *inputs.models]:
-                check_finite(src.get(info.name), src.label, info.name)
+                check_finite(src.get(info.name), src.file_of(info.name), info.name)
         depth = [(spec.name, getattr(p, "depth", 1.0)) for spec, p in cfg.resolved_filters()]
         return inputs.plan.describe(depth)
     finally:

@@ -87,13 +87,13 @@ def check_plan(inputs: MergeInputs) -> None:
 def _read_deltas(inputs: MergeInputs, info: ParamInfo, device: torch.device) -> tuple[Tensor, list[Tensor]]:
     dtype = inputs.cfg.compute_dtype
     raw = inputs.base.get(info.name)
-    check_finite(raw, inputs.base.label, info.name)
+    check_finite(raw, inputs.base.file_of(info.name), info.name)
     base = raw.to(device=device, dtype=dtype)
     del raw
     deltas = []
     for src in inputs.models:
         t = src.get(info.name)
-        check_finite(t, src.label, info.name)
+        check_finite(t, src.file_of(info.name), info.name)
         # get() returns a private copy, so subtracting in place is safe even when .to() is a no-op.
         deltas.append(t.to(device=device, dtype=dtype).sub_(base))
         del t

@@ -68,6 +68,10 @@ class Source:
         """Read one tensor into memory (a private copy, safe to modify)."""
         raise NotImplementedError
 
+    def file_of(self, name: str) -> str:
+        """The file holding ``name`` (for error messages)."""
+        return self.label
+
     def close(self) -> None:
         pass
 
@@ -211,6 +215,9 @@ class MultiFileSource(Source):
 
     def get(self, name: str) -> Tensor:
         return self._where[name].get(name)
+
+    def file_of(self, name: str) -> str:
+        return self._where[name].label
 
     def close(self) -> None:
         for p in self._parts:

@@ -1,0 +1,96 @@
+"""Checkpoint formats in and out."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pactmerge.errors import PactMergeError
+from pactmerge.io import ShardedWriter, atomic_output_dir, open_source
+from pactmerge.synthetic import base_state, write_hf_folder
+
+
+def assert_same_state(src, state):
+    assert set(src.names()) == set(state)
+    for k, v in state.items():
+        assert src.shape(k) == tuple(v.shape) and src.dtype(k) == v.dtype
+        assert torch.equal(src.get(k), v)
+
+
+def test_sharded_hf_folder_roundtrip(tmp_path):
+    sd = base_state(layers=3, hidden=16)
+    folder = write_hf_folder(tmp_path / "m", sd, max_shard_bytes=4000)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted({f for f in index["weight_map"].values()})
+    assert len(shards) > 2 and shards[0].endswith(f"-of-{len(shards):05d}.safetensors")
+    with open_source(folder) as src:
+        assert_same_state(src, sd)
+        assert src.folder == folder
+
+
+def test_single_safetensors_file_bf16_and_ints(tmp_path):
+    sd = {"a": torch.randn(3, 4).to(torch.bfloat16), "b": torch.arange(5), "c": torch.tensor([True, False])}
+    save_file(sd, str(tmp_path / "x.safetensors"))
+    with open_source(tmp_path / "x.safetensors") as src:
+        assert_same_state(src, sd)
+
+
+def test_pytorch_bin_and_hf_bin_fallback(tmp_path):
+    sd = base_state(layers=1, hidden=8)
+    torch.save(sd, tmp_path / "w.pt")
+    with open_source(tmp_path / "w.pt") as src:
+        assert_same_state(src, sd)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    torch.save(sd, folder / "pytorch_model.bin")
+    with open_source(folder) as src:
+        assert_same_state(src, sd)
+
+
+def test_bin_with_arbitrary_objects_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    torch.save({"w": torch.ones(2), "x": Evil()}, tmp_path / "evil.bin")
+    with pytest.raises(PactMergeError, match="evil.bin"):
+        open_source(tmp_path / "evil.bin")
+
+
+def test_in_memory_source_returns_copies():
+    t = torch.ones(3)
+    src = open_source({"w": t})
+    got = src.get("w")
+    got += 1
+    assert torch.equal(t, torch.ones(3))
+
+
+def test_writer_single_shard_named_model_safetensors(tmp_path):
+    w = ShardedWriter(tmp_path, 10**9)
+    w.add("a", torch.ones(2))
+    assert w.close() == ["model.safetensors"]
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+    assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["a"], torch.ones(2))
+
+
+def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(target) as tmp:
+            (tmp / "partial").write_text("x")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_output_dir_overwrite(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old").write_text("old")
+    with pytest.raises(PactMergeError, match="already exists"):
+        with atomic_output_dir(target):
+            pass
+    with atomic_output_dir(target, overwrite=True) as tmp:
+        (tmp / "new").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in target.iterdir()] == ["new"]
