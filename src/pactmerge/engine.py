@@ -3,8 +3,9 @@
 For each parameter of the plan::
 
     Delta_t = theta_t - theta_0          (compute dtype, on the device)
-    Delta_t <- filter(...)               for each configured filter, in order
+    Delta_t <- filter(...)               for each configured "pre" filter, in order
     merged  = method(theta_0, Delta_1..T)
+    merged  <- filter(...)               for each configured "post" filter (e.g. csp), in order
     theta   = theta_0 + alpha * merged   (cast to the output dtype, moved to the CPU)
 
 Only ``T + 1`` input tensors of one parameter (plus the method's workspace) are in memory at a
@@ -106,15 +107,32 @@ def _apply_filters(filters, base, deltas, ctx, upto: int | None = None) -> list[
     return deltas
 
 
+def _split_stages(filters):
+    """(pre filters, post filters), each in configured order (see registry: ``Spec.stage``)."""
+    return [f for f in filters if f[0].stage == "pre"], [f for f in filters if f[0].stage == "post"]
+
+
+class _Passes:
+    """A re-iterable stream for ``prepare``: every iteration is one more full streaming pass."""
+
+    def __init__(self, make_stream):
+        self._make = make_stream
+
+    def __iter__(self):
+        return self._make()
+
+
 def _run_prepare_passes(inputs: MergeInputs, device: torch.device, progress: bool) -> dict:
     """Model-wide statistics for methods/filters that declare ``prepare`` (explicit first pass)."""
     cfg = inputs.cfg
-    filters = cfg.resolved_filters()
+    filters, post = _split_stages(cfg.resolved_filters())
     method = cfg.resolved_method()
     stats: dict = {}
     stages = [(i, f) for i, f in enumerate(filters) if f[0].prepare is not None]
     if method[0].prepare is not None:
         stages.append((len(filters), method))
+    # A post filter's prepare sees the task vectors after every pre filter (not the merged ones).
+    stages += [(len(filters), f) for f in post if f[0].prepare is not None]
     for position, (spec, params) in stages:
 
         def stream(position=position):
@@ -127,7 +145,7 @@ def _run_prepare_passes(inputs: MergeInputs, device: torch.device, progress: boo
 
         bar = tqdm(desc=f"{spec.name}: first pass", total=None, disable=not progress, file=sys.stderr, leave=False)
         try:
-            stats[spec.name] = spec.prepare(stream(), params)
+            stats[spec.name] = spec.prepare(_Passes(stream), params)
         finally:
             bar.close()
     return stats
@@ -144,7 +162,7 @@ def iter_merged_deltas(
     """
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     cfg = inputs.cfg
-    filters = cfg.resolved_filters()
+    filters, post = _split_stages(cfg.resolved_filters())
     method_spec, method_params = cfg.resolved_method()
     stats = _run_prepare_passes(inputs, device, progress)
     for info in tqdm(inputs.plan.params, desc="merging", unit="param", disable=not progress, file=sys.stderr):
@@ -156,6 +174,7 @@ def iter_merged_deltas(
         deltas = _apply_filters(filters, base, deltas, ctx)
         merged = method_spec.fn(base, deltas, ctx, method_params)
         del deltas
+        (merged,) = _apply_filters(post, base, [merged], ctx)
         check_finite(merged, f"method {cfg.method}", info.name)
         yield info, base, merged
 

@@ -10,11 +10,18 @@ A *filter* rewrites one parameter's task vectors (same count, same shapes)::
     @register_filter("pact", params=PactParams)
     def pact(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: PactParams) -> list[Tensor]
 
+A filter registered with ``stage="post"`` runs *after* the method instead, on the merged task
+vector: it is called as ``fn(base, [merged], ctx, p)`` and returns ``[merged']`` (e.g. CSP, which
+the paper applies to the merged update; for a nonlinear method that is not the same as filtering
+each task vector). Post filters run in their configured order, after every pre filter and the method.
+
 ``params`` is a pydantic model (``extra="forbid"``) validated once per merge, so an unknown or
 out-of-range option fails before anything is read. A method or filter that needs model-wide
 statistics (e.g. TIES with a global top-k) gives ``prepare``: it receives an iterator over
 ``(ctx, base, deltas)`` for every parameter (an explicit first streaming pass) and returns a dict
-that later calls see as ``ctx.stats[name]``. ``check(p, info)`` may reject a parameter up front
+that later calls see as ``ctx.stats[name]``. The argument is re-iterable: each ``for`` over it is
+one more full streaming pass (re-reading the inputs), for statistics that one pass cannot give
+exactly (e.g. a k-th largest value by radix selection). ``check(p, info)`` may reject a parameter up front
 (e.g. a rank larger than a matrix allows) with a :class:`PactMergeError`.
 """
 
@@ -93,17 +100,21 @@ class Spec:
     prepare: PrepareFn | None = None
     check: CheckFn | None = None
     doc: str = ""
+    stage: str = "pre"  # filters only: "pre" (each task vector, before the method) or "post" (the merged one)
 
 
 METHODS: dict[str, Spec] = {}
 FILTERS: dict[str, Spec] = {}
 
 
-def _register(table: dict[str, Spec], kind: str, name: str, params, prepare, check):
+def _register(table: dict[str, Spec], kind: str, name: str, params, prepare, check, stage: str = "pre"):
+    if stage not in ("pre", "post"):
+        raise ValueError(f"{kind} {name!r}: stage must be 'pre' or 'post', not {stage!r}")
+
     def deco(fn):
         if name in table:
             raise RuntimeError(f"{kind} {name!r} registered twice")
-        table[name] = Spec(name, fn, params or NoParams, prepare, check, (fn.__doc__ or "").strip())
+        table[name] = Spec(name, fn, params or NoParams, prepare, check, (fn.__doc__ or "").strip(), stage)
         return fn
 
     return deco
@@ -113,8 +124,8 @@ def register_method(name: str, params: type[BaseModel] | None = None, prepare=No
     return _register(METHODS, "method", name, params, prepare, check)
 
 
-def register_filter(name: str, params: type[BaseModel] | None = None, prepare=None, check=None):
-    return _register(FILTERS, "filter", name, params, prepare, check)
+def register_filter(name: str, params: type[BaseModel] | None = None, prepare=None, check=None, stage: str = "pre"):
+    return _register(FILTERS, "filter", name, params, prepare, check, stage)
 
 
 def _load_builtins() -> None:
