@@ -1,4 +1,4 @@
-"""Iso-C (Marczak et al. 2025, "No task left behind: isotropic model merging").
+"""Iso-C and Iso-CTS (Marczak et al. 2025, "No task left behind: isotropic model merging").
 
 For a 2-D parameter, M = sum_t Delta_t = U S V^T; Iso-C replaces every singular value by their
 mean sigma_bar = mean(S) over all min(m, n) of them: merged = sigma_bar * U V^T. 1-D parameters
@@ -10,6 +10,8 @@ values, so the two forms differ only on those null directions, whose singular ve
 arbitrary (whatever LAPACK completes the basis with). After PACT with T >= 3 tasks the sum has
 exactly such a null space -- the pretrained core PACT protects -- and the literal form writes
 sigma_bar into it (../shared/notes/pact-composition.md).
+
+Iso-CTS (``iso_cts``, below) adds task-specific directions to the common subspace; see its docstring.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from pactmerge.linalg import numerical_rank
+from pactmerge.linalg import default_rtol, numerical_rank, polar_factor
 from pactmerge.methods.task_arithmetic import weighted_sum
 from pactmerge.registry import ParamContext, Params, register_method
 
@@ -51,3 +53,85 @@ def iso_c(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: IsoCParams) 
     if not ctx.info.is_matrix:
         return mean_of(deltas)
     return isotropic_flatten(weighted_sum(deltas, ctx.weights), p.rank_aware, p.rank_rtol)
+
+
+# -- Iso-CTS ----------------------------------------------------------------------------------
+
+
+class IsoCtsParams(Params):
+    common_space_fraction: float = Field(0.8, ge=0.0, le=1.0, description="f: share of the r directions taken from the common subspace")
+    rank_aware: bool = Field(True, description="drop null directions, polar factors on the numerical range (False: literal)")
+    rank_rtol: float | None = Field(None, gt=0, description="null tolerance (relative); default max(m,n)*eps")
+
+
+def iso_cts_split(r: int, T: int, f: float) -> tuple[int, int]:
+    """(k_c, s): common directions and task-specific directions per task, k_c + T s = r.
+
+    ``k_c = r - round((r - floor(r f)) / T) * T`` (Python's round, half to even, as the reference
+    code); when that is negative (f small, T large) ``s = floor(r / T)`` and ``k_c = r - T s``.
+    """
+    k_c = r - round((r - int(r * f)) / T) * T
+    if k_c < 0:
+        k_c = r - (r // T) * T
+    return k_c, (r - k_c) // T
+
+
+def iso_cts_merge(deltas: list[Tensor], f: float, rank_aware: bool = True, rank_rtol: float | None = None) -> Tensor:
+    """Iso-CTS for ``T`` matrices of shape ``(m, n)`` (see :func:`iso_cts`)."""
+    m, n = deltas[0].shape
+    r, T = min(m, n), len(deltas)
+    k_c, s_per = iso_cts_split(r, T, f)
+    u, s, vh = torch.linalg.svd(weighted_sum(deltas, [1.0] * T), full_matrices=False)
+    keep_c = min(k_c, numerical_rank(s, (m, n), rank_rtol)) if rank_aware else k_c
+    u_c = u[:, :keep_c]  # well-posed: arbitrary null-direction vectors are not projected out either
+    us, vs, sigma_sum = [u_c], [vh[:keep_c].mT], s[:k_c].sum()
+    rtol = rank_rtol if rank_rtol is not None else default_rtol((m, n), deltas[0].dtype)
+    for d in deltas:
+        if s_per == 0:
+            break
+        d_bar = d - u_c @ (u_c.mT @ d)  # the common left subspace projected out
+        ut, st, vht = torch.linalg.svd(d_bar, full_matrices=False)
+        sigma_sum = sigma_sum + st[:s_per].sum()
+        # Null test against the task's own scale: d_bar's round-off is relative to ||Delta_t||.
+        keep = int((st[:s_per] > rtol * torch.linalg.matrix_norm(d)).sum()) if rank_aware else s_per
+        us.append(ut[:, :keep])
+        vs.append(vht[:keep].mT)
+    sigma_bar = sigma_sum / r
+    u_cat, v_cat = torch.cat(us, 1), torch.cat(vs, 1)
+    if u_cat.shape[1] == 0:
+        return torch.zeros_like(deltas[0])
+    u_perp = polar_factor(u_cat, rank_rtol, literal=not rank_aware)
+    v_perp = polar_factor(v_cat, rank_rtol, literal=not rank_aware)
+    return sigma_bar * (u_perp @ v_perp.mT)
+
+
+@register_method("iso_cts", params=IsoCtsParams)
+def iso_cts(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: IsoCtsParams) -> Tensor:
+    """Iso-CTS: common + task-specific singular directions, polar-whitened, one flat spectrum; 1-D: mean.
+
+    For a 2-D parameter (``m x n``, r = min(m, n)) with task vectors ``Delta_t`` (scaled by the
+    models' weights, default 1), f = ``common_space_fraction`` (default 0.8, the paper's)::
+
+        k_c = r - round((r - floor(r f)) / T) * T,   s = (r - k_c) / T          (iso_cts_split)
+        sum_t Delta_t = U S V^T;   U_c, S_c, V_c = U[:, :k_c], S[:k_c], V[:, :k_c]     (common)
+        Delta-bar_t = (I - U_c U_c^T) Delta_t = U_t S_t V_t^T;  keep U_t[:, :s], S_t[:s], V_t[:, :s]
+        U* = [U_c | U_1[:, :s] | ... | U_T[:, :s]],  V* likewise     (m x r, n x r)
+        sigma_bar = (sum(S_c) + sum_t sum(S_t[:s])) / r
+        merged = sigma_bar * polar(U*) polar(V*)^T
+
+    sigma_bar is the mean of the r singular values that were kept (common and task-specific), as
+    the survey's formula (merging-survey.txt, "Isotropic Model Merging") and the reference code
+    have it -- not the mean of the spectrum of sum_t Delta_t alone (that is Iso-C's). 1-D
+    parameters: mean of the task vectors.
+
+    Well-posed form (default ``rank_aware: true``): common directions with a numerically zero
+    singular value (below ``rank_rtol * S[0]``) and task-specific ones below ``rank_rtol *
+    ||Delta_t||_F`` are left out of U*, V*, and the polar factors are restricted to the numerical
+    range (``polar_factor(literal=False)``); sigma_bar is unchanged. Identical to the literal form
+    unless U* or V* is rank-deficient -- as after PACT with T >= 4, where the literal polar factor
+    fills the missing directions with arbitrary ones inside the protected core.
+    """
+    scaled = [d * w if w != 1.0 else d for d, w in zip(deltas, ctx.weights)]
+    if not ctx.info.is_matrix:
+        return mean_of(scaled)
+    return iso_cts_merge(scaled, p.common_space_fraction, p.rank_aware, p.rank_rtol)

@@ -1,0 +1,61 @@
+"""DARE: Drop And REscale (Yu et al. 2024, "Language models are Super Mario"; merging-survey.txt, Eq. dare).
+
+For every task vector ``Delta_t`` (any shape) and drop rate ``p``::
+
+    m_t ~ Bernoulli(1 - p) entrywise          (1 = keep)
+    Delta~_t = m_t * Delta_t * c_t
+
+with the rescale ``c_t``:
+
+* ``keep_prob`` (the paper, default): ``c_t = 1 / (1 - p)``, so ``E[Delta~_t] = Delta_t``;
+* ``l1`` (mergekit 0.1.5's ``dare_*`` with ``rescale: true``): ``c_t = ||Delta_t||_1 / ||m_t * Delta_t||_1``
+  (the kept entries restore the L1 norm; ``c_t = 1`` when either norm is below 1e-7, like mergekit);
+* ``none``: ``c_t = 1`` (random drop only).
+
+The draws come from ``ctx.generator(salt=t)`` on the CPU (then moved to the tensor's device):
+the same mask for a given config seed, parameter name and task index, whatever the device or the
+order parameters are processed in. Applies to every merged parameter (matrices and vectors). Put
+it in front of any method: ``filters: [dare]`` + ``task_arithmetic`` is DARE-TA (mergekit's
+``dare_linear``), + ``ties`` is DARE-TIES.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from pactmerge.registry import ParamContext, Params, register_filter
+
+
+class DareParams(Params):
+    p: float = Field(0.5, ge=0.0, lt=1.0, description="drop probability of each task-vector entry")
+    rescale: Literal["keep_prob", "l1", "none"] = Field(
+        "keep_prob", description="1/(1-p) (paper); match the L1 norm (mergekit); no rescale"
+    )
+
+
+def dare_mask(shape: torch.Size, p: float, gen: torch.Generator) -> Tensor:
+    """Boolean keep-mask, each entry True with probability 1 - p (uniform draws on the CPU)."""
+    return torch.rand(shape, generator=gen, dtype=torch.float64) >= p
+
+
+@register_filter("dare", params=DareParams)
+def dare(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: DareParams) -> list[Tensor]:
+    """DARE: drop each task-vector entry with probability p, rescale the rest by 1/(1-p)."""
+    if p.p == 0.0:
+        return deltas
+    out = []
+    for t, d in enumerate(deltas):
+        keep = dare_mask(d.shape, p.p, ctx.generator(salt=t)).to(d.device)
+        kept = torch.where(keep, d, torch.zeros((), dtype=d.dtype, device=d.device))
+        if p.rescale == "keep_prob":
+            kept = kept / (1.0 - p.p)
+        elif p.rescale == "l1":
+            before, after = d.abs().sum(), kept.abs().sum()
+            if before >= 1e-7 and after >= 1e-7:
+                kept = kept * (before / after)
+        out.append(kept)
+    return out

@@ -1,0 +1,220 @@
+"""TIES-Merging (Yadav et al. 2023, "TIES-Merging: Resolving interference when merging models").
+
+For task vectors ``Delta_t`` (any shape; flattened conceptually) and per-model weights ``w_t``
+(the models' ``weight``, default 1)::
+
+    1. Trim:   tau_t   = the k-th largest |Delta_t| over the trim scope, k = count(density, n)
+               D_t     = Delta_t * [|Delta_t| >= tau_t]          (k = 0: D_t = 0)
+    2. Elect:  gamma   = sgn(sum_t w_t D_t)                      (entrywise, in {-1, 0, +1})
+    3. Merge:  A_t     = [D_t != 0 and sgn(D_t) = gamma]
+               mean:   merged = sum_t w_t A_t D_t / sum_t w_t A_t     (0 where no task agrees)
+               sum:    merged = sum_t w_t A_t D_t
+
+``scope`` is the set the top-k runs over: ``model`` (every merged parameter of the model
+flattened together, n = their total size: the paper's "keep the top-k% parameters of tau_t", and
+what its reference code does) or ``tensor`` (each parameter separately, n = its size).
+
+Defaults are the paper's variant: ``scope: model``, ``aggregate: mean`` (the "disjoint mean"),
+``density: 0.2`` (k = 20%), ``trim_count: floor`` (k = floor(density * n)), weights 1.
+
+How the common implementations differ (options reproducing each):
+
+=====================  ===============  ============  ============================  ======================
+variant                scope            aggregate     kept entries per trim set     elected sign when 0
+=====================  ===============  ============  ============================  ======================
+paper (default here)   model            mean          floor(density * n)            0 (no entry agrees)
+TIES code/fusion_bench model            sum (fb) [1]  floor(density * n) + 1 [2]    sign of sum of signs [3]
+mergekit ``ties``      tensor           mean [4]      max(1, floor(density * n))    +1 [3]
+=====================  ===============  ============  ============================  ======================
+
+[1] fusion_bench's ``TiesMergingAlgorithm`` default ``merge_func: sum``; the TIES repository's
+    notebooks use ``dis-mean``. -> ``aggregate: sum`` / ``mean``.
+[2] They keep ``|x| >= kthvalue(n - floor(density n))`` (the (floor(density n)+1)-th largest),
+    one entry more than the paper's k. -> ``trim_count: floor_plus_1``; mergekit's
+    ``max(1, ...)`` -> ``trim_count: floor_at_least_1``.
+[3] Only differs where the trimmed, weighted values cancel exactly (never for continuous data);
+    here such an entry is 0.
+[4] mergekit multiplies by ``weight`` before electing, and divides by the agreeing weights
+    (``normalize: true``) -- exactly the weighted formulas above.
+
+Ties at the threshold: every entry with ``|x| == tau_t`` is kept (as in the TIES code);
+mergekit keeps exactly k via a sort. They coincide unless magnitudes repeat at the threshold.
+
+``scope: model`` needs each task's k-th largest magnitude over the whole model before any
+parameter is merged. ``prepare`` computes it *exactly* without holding the model: a radix
+selection over the IEEE-754 bit patterns of |Delta_t| (for non-negative floats the bit pattern,
+read as an integer, is monotone in the value). Each streaming pass histograms the next 16 bits
+of every magnitude whose higher bits match the prefix found so far, then narrows the prefix to
+the bin holding the k-th largest; once that bin holds at most ``2**22`` values the next pass
+collects them and finishes with an exact ``kthvalue``. Memory: one 65,536-bin histogram per
+task; float32 needs 2 passes, float64 at most 4 (in practice 2). Each pass re-reads the inputs
+and re-runs the filters before the method (deterministic, so the merge pass sees the same values).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from pactmerge.registry import ParamContext, Params, register_method
+
+_DIGIT = 16
+_COLLECT = 1 << 22
+
+
+class TiesParams(Params):
+    density: float = Field(0.2, gt=0.0, le=1.0, description="fraction k/n of entries kept per task in the trim step")
+    scope: Literal["model", "tensor"] = Field("model", description="top-k over the whole model (paper) or per parameter")
+    aggregate: Literal["mean", "sum"] = Field("mean", description="disjoint mean (paper) or disjoint sum")
+    trim_count: Literal["floor", "floor_plus_1", "floor_at_least_1"] = Field(
+        "floor", description="k = floor(density n) (paper); +1 (TIES code, fusion_bench); max(1, .) (mergekit)"
+    )
+
+
+def trim_count(n: int, p: TiesParams) -> int:
+    """Number k of entries each task keeps among ``n`` (capped at n)."""
+    k = int(p.density * n)
+    if p.trim_count == "floor_plus_1":
+        k += 1
+    elif p.trim_count == "floor_at_least_1":
+        k = max(1, k)
+    return min(k, n)
+
+
+def kth_largest_magnitude(d: Tensor, k: int) -> float:
+    """The k-th largest ``|d|`` over all entries (``+inf`` for k = 0: nothing is kept)."""
+    if k <= 0:
+        return float("inf")
+    a = d.detach().abs().reshape(-1)
+    return float(torch.kthvalue(a, a.numel() - k + 1).values)
+
+
+def ties_merge(deltas: list[Tensor], weights: list[float], thresholds: list[float], aggregate: str) -> Tensor:
+    """Trim (keep ``|Delta_t| >= thresholds[t]``), elect the sign of sum_t w_t D_t, disjoint merge."""
+    trimmed = [torch.where(d.abs() >= tau, d, torch.zeros((), dtype=d.dtype, device=d.device)) for d, tau in zip(deltas, thresholds)]
+    elected = torch.zeros_like(trimmed[0])
+    for d, w in zip(trimmed, weights):
+        elected.add_(d, alpha=w)
+    elected = torch.sign(elected)
+    num = torch.zeros_like(elected)
+    den = torch.zeros_like(elected)
+    for d, w in zip(trimmed, weights):
+        agree = ((torch.sign(d) == elected) & (d != 0)).to(d.dtype)
+        num.add_(d * agree, alpha=w)
+        den.add_(agree, alpha=w)
+    if aggregate == "sum":
+        return num
+    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+# -- model scope: exact k-th largest magnitude per task by radix selection over the stream ------
+
+
+def _as_bits(a: Tensor) -> tuple[Tensor, int]:
+    """Order-preserving integer view of non-negative floats, and its width in bits."""
+    if a.dtype == torch.float64:
+        return a.contiguous().view(torch.int64), 64
+    a = a.to(torch.float32).contiguous()
+    return a.view(torch.int32), 32
+
+
+def _bits_to_float(bits: int, width: int) -> float:
+    dtype, idtype = (torch.float64, torch.int64) if width == 64 else (torch.float32, torch.int32)
+    return float(torch.tensor([bits], dtype=idtype).view(dtype)[0])
+
+
+class _Select:
+    """Radix-selection state of one task: find the ``need``-th largest value with bits ``prefix``
+    in the top ``resolved`` bits."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.need = 0  # rank (1 = largest) still sought inside the current prefix
+        self.prefix = 0
+        self.resolved = 0  # how many high bits of the answer are known
+        self.width = 0
+        self.collect = False  # next pass gathers the values in the prefix bin
+        self.hist: Tensor | None = None
+        self.values: list[Tensor] = []
+        self.result: float | None = None
+
+    def observe(self, a: Tensor) -> None:
+        """One parameter's magnitudes (any shape) during a pass."""
+        bits, width = _as_bits(a.reshape(-1))
+        self.width = width
+        bits = bits.to(torch.int64)
+        if self.resolved:
+            bits = bits[(bits >> (width - self.resolved)) == self.prefix]
+        if self.collect:
+            self.values.append(bits.cpu())
+            return
+        digit = (bits >> (width - self.resolved - _DIGIT)) & ((1 << _DIGIT) - 1)  # widths are multiples of 16
+        h = torch.bincount(digit, minlength=1 << _DIGIT).cpu()
+        self.hist = h if self.hist is None else self.hist + h
+
+    def finish_pass(self) -> None:
+        if self.collect:
+            vals = torch.cat(self.values) if self.values else torch.zeros(0, dtype=torch.int64)
+            # Integer order equals value order here: the exact need-th largest.
+            self.result = _bits_to_float(int(torch.kthvalue(vals, vals.numel() - self.need + 1).values), self.width)
+            return
+        h = self.hist
+        self.hist = None
+        above = torch.flip(torch.cumsum(torch.flip(h, [0]), 0), [0])  # above[d] = count of digits >= d
+        d = int((above >= self.need).nonzero().max())
+        self.need -= int(above[d]) - int(h[d])
+        self.prefix = (self.prefix << _DIGIT) | d
+        self.resolved += _DIGIT
+        if self.resolved == self.width:
+            self.result = _bits_to_float(self.prefix, self.width)
+        elif int(h[d]) <= _COLLECT:
+            self.collect = True
+
+
+def model_thresholds(stream: Iterable, p: TiesParams) -> list[float]:
+    """Each task's exact k-th largest |Delta_t| over every parameter of the stream (see module doc)."""
+    sel: list[_Select] | None = None
+    ks: list[int] = []
+    while True:
+        for ctx, base, deltas in stream:
+            if sel is None:
+                sel = [_Select() for _ in deltas]
+            for s, d in zip(sel, deltas):
+                if not ks:
+                    s.n += d.numel()
+                if s.result is None:
+                    s.observe(d.abs())
+        if sel is None:
+            return []
+        if not ks:
+            ks = [trim_count(s.n, p) for s in sel]
+            for s, k in zip(sel, ks):
+                if k == 0 or s.n == 0:
+                    s.result = float("inf")
+                s.need = k
+        for s in sel:
+            if s.result is None:
+                s.finish_pass()
+        if all(s.result is not None for s in sel):
+            return [float(s.result) for s in sel]
+
+
+def ties_prepare(stream, p: TiesParams) -> dict:
+    if p.scope != "model":
+        return {}
+    return {"thresholds": model_thresholds(stream, p)}
+
+
+def thresholds_for(deltas: list[Tensor], ctx: ParamContext, p: TiesParams, stats: dict | None) -> list[float]:
+    if p.scope == "model":
+        return stats["thresholds"]
+    return [kth_largest_magnitude(d, trim_count(d.numel(), p)) for d in deltas]
+
+
+@register_method("ties", params=TiesParams, prepare=ties_prepare)
+def ties(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: TiesParams) -> Tensor:
+    """TIES: trim each Delta_t to its top-density magnitudes, elect signs, disjoint mean (or sum)."""
+    return ties_merge(deltas, ctx.weights, thresholds_for(deltas, ctx, p, ctx.stats.get("ties")), p.aggregate)

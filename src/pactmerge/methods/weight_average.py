@@ -1,0 +1,26 @@
+"""Weight averaging (uniform "model soup"; Wortsman et al. 2022, the baseline of every merging paper).
+
+For every parameter, with per-model weights ``w_t`` (the models' ``weight``, default 1)::
+
+    merged = sum_t w_t * Delta_t / sum_t w_t          Delta_t = theta_t - theta_0, shape of the parameter
+
+so ``theta_0 + merged = sum_t w_t theta_t / sum_t w_t``: the (weighted) mean of the fine-tuned
+weights. The engine forms ``theta_0 + alpha * merged``; weight averaging proper is ``alpha = 1``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from pactmerge.errors import PactMergeError
+from pactmerge.methods.task_arithmetic import weighted_sum
+from pactmerge.registry import NoParams, ParamContext, register_method
+
+
+@register_method("weight_average", params=NoParams)
+def weight_average(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: NoParams) -> Tensor:
+    """sum_t w_t Delta_t / sum_t w_t: the (weighted) mean of the fine-tuned weights at alpha = 1."""
+    total = float(sum(ctx.weights))
+    if total == 0.0:
+        raise PactMergeError("method weight_average: the models' weights sum to 0 (cannot normalise)")
+    return weighted_sum(deltas, [w / total for w in ctx.weights])
