@@ -1,0 +1,12 @@
+"""Data-free load-bearing-wall diagnostics (PACT paper Sec. 3.2, App. C.2-C.3) for a merge config.
+
+    analyze(config, out_dir=None, *, layers=None, worst_n=5, device="cpu", progress=False) -> dict
+
+Modules: ``metrics`` (per-matrix math), ``components`` (name -> component type), ``stream``
+(one parameter at a time, as the merge reads it), ``summary`` (aggregates), ``report`` (JSON,
+CSV, report.md), ``plots`` (PNG figures, matplotlib imported lazily), ``cli`` (``pactmerge analyze``).
+"""
+
+from pactmerge.analysis.api import analyze
+
+__all__ = ["analyze"]
