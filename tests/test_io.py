@@ -67,11 +67,34 @@ def test_in_memory_source_returns_copies():
 
 
 def test_writer_single_shard_named_model_safetensors(tmp_path):
-    w = ShardedWriter(tmp_path, 10**9)
+    w = ShardedWriter(tmp_path, [("a", (2,), torch.float32)], 10**9)
     w.add("a", torch.ones(2))
     assert w.close() == ["model.safetensors"]
     assert not (tmp_path / "model.safetensors.index.json").exists()
     assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["a"], torch.ones(2))
+
+
+def test_writer_streams_into_planned_shards_readable_by_safetensors(tmp_path):
+    tensors = {"a": torch.randn(10, 10), "b": torch.arange(7), "c": torch.randn(3).to(torch.bfloat16),
+               "d": torch.zeros(0, 4), "e": torch.randn(30, 10, dtype=torch.float64), "f": torch.randn(50)}
+    w = ShardedWriter(tmp_path, [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], 500)
+    for n, t in tensors.items():
+        w.add(n, t)
+    files = w.close()
+    assert files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    got = {}
+    for f in files:
+        got.update(load_file(str(tmp_path / f)))  # the reference reader accepts our headers
+    assert set(got) == set(tensors) and set(index["weight_map"]) == set(tensors)
+    for n, t in tensors.items():
+        assert torch.equal(got[n], t)
+
+
+def test_writer_rejects_unplanned_tensors(tmp_path):
+    w = ShardedWriter(tmp_path, [("a", (2,), torch.float32)], 10**9)
+    with pytest.raises(RuntimeError, match="planned"):
+        w.add("a", torch.ones(3))
 
 
 def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):

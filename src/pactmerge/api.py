@@ -11,7 +11,7 @@ from torch import Tensor
 
 from pactmerge import __version__
 from pactmerge.config import MergeConfig, config_to_yaml, load_config
-from pactmerge.engine import iter_merged_params, open_inputs, resolve_device
+from pactmerge.engine import iter_merged_params, open_inputs, output_layout, resolve_device
 from pactmerge.io.sources import Source
 from pactmerge.io.writer import ShardedWriter, atomic_output_dir, copy_non_weight_files, parse_size
 
@@ -60,7 +60,7 @@ def _write(inputs, output_dir: Path, device, overwrite: bool, progress: bool) ->
     cfg = inputs.cfg
     start = time.perf_counter()
     with atomic_output_dir(output_dir, overwrite) as tmp:
-        writer = ShardedWriter(tmp, parse_size(cfg.max_shard_size))
+        writer = ShardedWriter(tmp, output_layout(inputs), parse_size(cfg.max_shard_size))
         for name, tensor in iter_merged_params(inputs, device, progress):
             writer.add(name, tensor)
         files = writer.close()

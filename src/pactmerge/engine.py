@@ -179,6 +179,15 @@ def iter_merged_deltas(
         yield info, base, merged
 
 
+def output_layout(inputs: MergeInputs) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """``(name, shape, dtype)`` of every tensor :func:`iter_merged_params` will yield, in order."""
+    out_dtype = DTYPES[inputs.cfg.out_dtype] if inputs.cfg.out_dtype else None
+    return [
+        (p.name, p.shape, p.dtype if (p.kind == "copy" or out_dtype is None) else out_dtype)
+        for p in inputs.plan.params
+    ]
+
+
 def iter_merged_params(
     inputs: MergeInputs, device: str | torch.device = "cpu", progress: bool = False
 ) -> Iterator[tuple[str, Tensor]]:

@@ -76,9 +76,10 @@ def write_hf_folder(folder: Path, state: dict[str, Tensor], max_shard_bytes: int
     one shard), with a config.json and tokenizer files to be copied by a merge."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    w = ShardedWriter(folder, max_shard_bytes)
+    state = {n: (t.to(dtype) if (dtype is not None and t.is_floating_point()) else t) for n, t in state.items()}
+    w = ShardedWriter(folder, [(n, tuple(t.shape), t.dtype) for n, t in state.items()], max_shard_bytes)
     for name, t in state.items():
-        w.add(name, t.to(dtype) if (dtype is not None and t.is_floating_point()) else t)
+        w.add(name, t)
     w.close()
     (folder / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"], "generated_by": "pactmerge.synthetic"}))
     (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))

@@ -1,8 +1,9 @@
 """Write a merged model as an HF-style folder, atomically.
 
-Tensors are buffered and flushed to a safetensors shard whenever the buffer would exceed the
-maximum shard size, so memory holds at most one shard. Shards are named
-``model-00001-of-0000N.safetensors`` (renamed at the end, when N is known) with
+The plan knows every output tensor's name, shape and dtype before the first one is computed, so
+the shard layout and each shard's safetensors header are fixed up front and every tensor is
+written straight to its place in its shard as it arrives: no shard buffer, memory holds one
+tensor. Shards are named ``model-00001-of-0000N.safetensors`` with
 ``model.safetensors.index.json``; a single shard is ``model.safetensors``.
 """
 
@@ -12,15 +13,18 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
-from safetensors.torch import save_file
+import torch
 from torch import Tensor
 
 from pactmerge.errors import PactMergeError
+from pactmerge.io.sources import SAFETENSORS_DTYPES
 
 WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json", "*.msgpack", "*.h5", "*.ckpt")
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def parse_size(size: str | int) -> int:
@@ -35,48 +39,83 @@ def parse_size(size: str | int) -> int:
     return int(float(s))
 
 
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
 class ShardedWriter:
-    def __init__(self, folder: Path, max_shard_bytes: int):
-        self.folder = folder
-        self.max_shard_bytes = max_shard_bytes
-        self._buffer: dict[str, Tensor] = {}
-        self._buffer_bytes = 0
-        self._shards: list[tuple[str, list[str]]] = []
-        self.total_bytes = 0
+    """Stream tensors, in ``layout`` order, into safetensors shards of at most ``max_shard_bytes``.
+
+    Args:
+        folder: where the shards (and the index) go.
+        layout: ``[(name, shape, dtype), ...]`` of every tensor, in the order they will be added.
+        max_shard_bytes: a shard is closed before a tensor that would make it larger (a single
+            larger tensor gets a shard of its own).
+    """
+
+    def __init__(self, folder: Path, layout: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int):
+        self.folder = Path(folder)
+        groups: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        size = 0
+        for entry in layout:
+            nbytes = _nbytes(entry[1], entry[2])
+            if groups[-1] and size + nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(entry)
+            size += nbytes
+        n = len(groups)
+        self.files = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        self._groups = groups
+        self._order = [(g, entry) for g, group in enumerate(groups) for entry in group]
+        self._next = 0
+        self._open_group = -1
+        self._fh = None
+        self.total_bytes = sum(_nbytes(s, d) for _, s, d in layout)
+
+    def _start_shard(self, g: int) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype in self._groups[g]:
+            nbytes = _nbytes(shape, dtype)
+            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
+        self._fh = open(self.folder / self.files[g], "wb")
+        self._fh.write(struct.pack("<Q", len(raw)) + raw)
+        self._open_group = g
 
     def add(self, name: str, tensor: Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._buffer[name] = tensor.contiguous()
-        self._buffer_bytes += nbytes
-        self.total_bytes += nbytes
-
-    def _flush(self) -> None:
-        if not self._buffer:
-            return
-        tmp_name = f"shard-{len(self._shards) + 1:05d}.safetensors.part"
-        save_file(self._buffer, str(self.folder / tmp_name), metadata={"format": "pt"})
-        self._shards.append((tmp_name, list(self._buffer)))
-        self._buffer = {}
-        self._buffer_bytes = 0
+        if self._next >= len(self._order):
+            raise RuntimeError(f"writer: unexpected tensor {name!r} (every planned tensor was written)")
+        g, (want, shape, dtype) = self._order[self._next]
+        if name != want or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise RuntimeError(f"writer: got {name!r} {list(tensor.shape)} {tensor.dtype}, planned {want!r} {list(shape)} {dtype}")
+        if g != self._open_group:
+            self._start_shard(g)
+        if tensor.numel():
+            self._fh.write(memoryview(tensor.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy()))
+        self._next += 1
 
     def close(self) -> list[str]:
-        """Flush the last shard, give shards their final names, write the index. Returns file names."""
-        self._flush()
-        if not self._shards:
-            save_file({}, str(self.folder / "model.safetensors"), metadata={"format": "pt"})
-            return ["model.safetensors"]
-        n = len(self._shards)
-        final = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-        weight_map = {}
-        for (tmp, names), dst in zip(self._shards, final):
-            os.replace(self.folder / tmp, self.folder / dst)
-            weight_map.update({name: dst for name in names})
-        if n > 1:
+        """Finish the last shard and write the index; returns the shard file names."""
+        if self._next != len(self._order):
+            raise RuntimeError(f"writer: only {self._next} of {len(self._order)} planned tensors were written")
+        if self._open_group < 0:  # nothing planned: an empty but valid file
+            self._start_shard(0)
+        self._fh.close()
+        self._fh = None
+        if len(self.files) > 1:
+            weight_map = {name: self.files[g] for g, (name, _, _) in self._order}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        return final
+        return list(self.files)
 
 
 def copy_non_weight_files(src: Path, dst: Path) -> list[str]:
