@@ -68,6 +68,12 @@ def list_methods():
             typer.echo(f"  {n:<18} {first}")
 
 
+# `analyze` lives with the diagnostics; its module imports nothing heavy until it runs.
+from pactmerge.analysis.cli import analyze_command  # noqa: E402
+
+app.command("analyze")(analyze_command)
+
+
 def main():  # pragma: no cover
     app()
 
