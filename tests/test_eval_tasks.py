@@ -1,0 +1,122 @@
+"""The shipped benchmark data and the alpha search (no transformers needed)."""
+
+from collections import Counter
+
+import pytest
+
+from pactmerge.eval.alpha import search_alpha
+from pactmerge.eval.evaluate import evaluate_merge, normalized
+from pactmerge.eval.tasks import DEFAULT_TASKS, SPLITS, load_tasks, make_task
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return load_tasks()
+
+
+def test_six_tasks_ship_with_the_package(tasks):
+    assert list(tasks) == list(DEFAULT_TASKS) and len(tasks) == 6
+    for t in tasks.values():
+        assert len(t.prompts) == t.num_classes >= 4
+        assert len(set(t.prompts)) == t.num_classes  # distinct heads
+
+
+def test_splits_are_disjoint_balanced_and_sized(tasks):
+    for t in tasks.values():
+        texts = {s: t.splits[s][0] for s in SPLITS}
+        for s in SPLITS:
+            assert len(set(texts[s])) == len(texts[s]), (t.name, s)
+            counts = Counter(t.splits[s][1])
+            assert set(counts) == set(range(t.num_classes)), (t.name, s)
+            assert len(set(counts.values())) == 1, (t.name, s, counts)  # class-balanced
+        assert not set(texts["train"]) & set(texts["validation"])
+        assert not set(texts["train"]) & set(texts["test"])
+        assert not set(texts["validation"]) & set(texts["test"])
+        assert len(texts["test"]) >= 300 and len(texts["validation"]) >= 150, t.name
+
+
+def test_domain_glosses_do_not_name_their_label(tasks):
+    for name in ("wn_domain", "wn_noun_sense", "wn_verb_sense", "wn_pos"):
+        for s in SPLITS:
+            assert not any(x.startswith("(") for x in tasks[name].splits[s][0]), name
+
+
+def test_subsample_keeps_balance(tasks):
+    small = tasks["wn_pos"].subsample({"train": 7, "validation": 3, "test": 5})
+    for s, n in (("train", 7), ("validation", 3), ("test", 5)):
+        assert Counter(small.splits[s][1]) == {c: n for c in range(4)}
+    assert small.fingerprint() != tasks["wn_pos"].fingerprint()
+
+
+def test_fingerprint_depends_on_data_and_prompts():
+    a = make_task("t", ["x", "y"], {"train": (["p", "q"], [0, 1])})
+    b = make_task("t", ["x", "y"], {"train": (["p", "q"], [1, 0])})
+    assert a.fingerprint() == make_task("t", ["x", "y"], {"train": (["p", "q"], [0, 1])}).fingerprint()
+    assert a.fingerprint() != b.fingerprint()
+
+
+# -- alpha search -----------------------------------------------------------------------------------
+
+
+def peak(at):
+    return lambda a: -abs(a - at)
+
+
+def test_alpha_search_stops_three_after_the_best():
+    c = search_alpha(peak(0.5))
+    assert c.alpha == 0.5 and not c.edge and not c.extended
+    assert [a for a, _ in c.trace] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+
+
+def test_alpha_search_extends_past_the_grid_top():
+    c = search_alpha(peak(6.5))
+    assert c.alpha == 6.5 and c.extended and not c.edge
+    assert c.trace[-1][0] == 7.25  # three non-improving values after 6.5 (step 0.25)
+
+
+def test_alpha_search_flags_a_boundary_pick():
+    capped = search_alpha(lambda a: a, extend=False)
+    assert capped.alpha == 3.0 and capped.edge and capped.label() == "3 (edge)"
+    limited = search_alpha(lambda a: a, max_alpha=5.0)
+    assert limited.alpha == 5.0 and limited.edge and limited.extended
+
+
+def test_alpha_search_plateau_keeps_smallest():
+    c = search_alpha(lambda a: min(a, 1.0))
+    assert c.alpha == 1.0 and not c.edge
+
+
+class FakeEvaluator:
+    """Validation prefers alpha = 0.5, test prefers alpha = 2.0."""
+
+    def __init__(self):
+        self.alpha = None
+        self.test_calls = []
+
+    def set_merged(self, merged, alpha):
+        self.alpha = alpha
+
+    def accuracy(self, split, tasks=None):
+        best = 0.5 if split == "validation" else 2.0
+        if split == "test":
+            self.test_calls.append(self.alpha)
+        return {"a": 1.0 - abs(self.alpha - best) / 10, "b": 0.9 - abs(self.alpha - best) / 10}
+
+
+def test_alpha_is_chosen_on_validation_not_test():
+    ev = FakeEvaluator()
+    choice, val, test = evaluate_merge(ev, {})
+    assert choice.alpha == 0.5
+    assert ev.test_calls == [0.5]  # test evaluated once, at the chosen alpha
+    assert test == pytest.approx({"a": 1.0 - 0.15, "b": 0.9 - 0.15})
+    assert val == pytest.approx({"a": 1.0, "b": 0.9})
+
+
+def test_fixed_alpha_skips_the_search():
+    ev = FakeEvaluator()
+    choice, _, _ = evaluate_merge(ev, {}, fixed_alpha=1.0)
+    assert choice.alpha == 1.0 and choice.trace == [] and ev.test_calls == [1.0]
+
+
+def test_normalized_accuracy():
+    assert normalized({"a": 0.6, "b": 0.9}, {"a": 0.8, "b": 0.9}) == pytest.approx({"a": 0.75, "b": 1.0})
