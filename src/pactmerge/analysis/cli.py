@@ -33,8 +33,13 @@ def analyze_command(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(code=2) from None
     g = result["summary"]["global"]
+    e_in = [x for x in g["intrusion_energy"] if x is not None]
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    typer.echo(f"{result['summary']['num_parameters']} matrices, {len(result['tasks'])} tasks:"
-               f" mean E_in {fmt(sum(x for x in g['intrusion_energy'] if x is not None) / max(1, len(g['intrusion_energy'])))},"
-               f" Sim {fmt(g['sim_offdiag_mean'])}, Inf {fmt(g['inf_offdiag_mean'])}")
-    typer.echo(f"wrote {out_dir} (report.md, metrics.json, CSV, PNG)")
+    typer.echo(
+        f"{result['summary']['num_parameters']} matrices, {len(result['tasks'])} tasks:"
+        f" mean E_in {fmt(sum(e_in) / len(e_in) if e_in else None)},"
+        f" Sim {fmt(g['sim_offdiag_mean'])}, Inf {fmt(g['inf_offdiag_mean'])} (off-diagonal means)"
+    )
+    worst = result["summary"]["worst_by_inf"][0]
+    typer.echo(f"worst by Inf: {worst['parameter']} ({fmt(worst['inf_offdiag_mean'])})")
+    typer.echo(f"wrote {out_dir} (report.md, metrics.json, CSV tables, PNG plots)")

@@ -120,6 +120,7 @@ def summarize(params: dict[str, dict], tasks: list[str], worst_n: int = 5) -> di
             "intrusion_energy_max_task": tasks[t],
         }
 
+    worst_block = _block(a, np.array(worst_inf))
     return {
         "num_parameters": len(names),
         "num_tasks": T,
@@ -131,5 +132,5 @@ def summarize(params: dict[str, dict], tasks: list[str], worst_n: int = 5) -> di
         "worst_by_inf": [inf_row(i) for i in worst_inf],
         "worst_by_intrusion": [ein_row(i) for i in worst_ein],
         # Sim and Inf averaged over the worst-by-Inf matrices only (the paper's "top-6 layers" view).
-        "worst_inf_average": {"sim": _block(a, np.array(worst_inf))["sim"], "inf": _block(a, np.array(worst_inf))["inf"]},
+        "worst_inf_average": {key: worst_block[key] for key in ("sim", "inf")},
     }
