@@ -7,6 +7,13 @@ Modules: ``metrics`` (per-matrix math), ``components`` (name -> component type),
 CSV, report.md), ``plots`` (PNG figures, matplotlib imported lazily), ``cli`` (``pactmerge analyze``).
 """
 
-from pactmerge.analysis.api import analyze
-
 __all__ = ["analyze"]
+
+
+def __getattr__(name):
+    # Lazy, so that importing pactmerge.analysis.cli (done by pactmerge.cli) stays cheap.
+    if name == "analyze":
+        from pactmerge.analysis.api import analyze
+
+        return analyze
+    raise AttributeError(name)
