@@ -74,6 +74,28 @@ from pactmerge.analysis.cli import analyze_command  # noqa: E402
 app.command("analyze")(analyze_command)
 
 
+@app.command("bench")
+def bench(
+    tasks: str = typer.Option(None, help="Comma-separated tasks (default: all six)."),
+    methods: str = typer.Option(None, help="Comma-separated row keys, e.g. ta,pact-ta,isoc (default: all)."),
+    steps: int = typer.Option(None, help="Fine-tuning steps per task (default 120; 30 with --quick)."),
+    seed: int = typer.Option(0, help="Fine-tuning seed."),
+    cache_dir: Path = typer.Option(None, help="Fine-tune cache (default $PACTMERGE_CACHE or ~/.cache/pactmerge/bench)."),
+    out: Path = typer.Option(Path("bench_out"), help="Folder for results.json, results.md, results.png."),
+    quick: bool = typer.Option(False, "--quick", help="Smoke run: few steps, few items, headline rows."),
+    pact_rank: str = typer.Option("15,8", help="PACT K,k (CSP rank and S-PACT K use K)."),
+    alpha_max: float = typer.Option(20.0, help="Upper limit of the extended alpha search."),
+    progress: bool = typer.Option(sys.stderr.isatty(), "--progress/--no-progress", help="Show progress bars."),
+):
+    """Fine-tune MiniLM on six built-in tasks, merge with every method, report accuracy (offline, CPU)."""
+    from pactmerge.eval.bench import bench_command
+
+    try:
+        bench_command(tasks, methods, steps, seed, cache_dir, out, quick, pact_rank, alpha_max, progress)
+    except (PactMergeError, ValueError) as e:
+        _fail(e)
+
+
 def main():  # pragma: no cover
     app()
 

