@@ -133,21 +133,18 @@ def _run_prepare_passes(inputs: MergeInputs, device: torch.device, progress: boo
         stages.append((len(filters), method))
     # A post filter's prepare sees the task vectors after every pre filter (not the merged ones).
     stages += [(len(filters), f) for f in post if f[0].prepare is not None]
+    merged_params = [info for info in inputs.plan.params if info.kind != "copy"]
     for position, (spec, params) in stages:
 
-        def stream(position=position):
-            for info in inputs.plan.params:
-                if info.kind == "copy":
-                    continue
+        def stream(position=position, spec=spec):
+            # Each iteration over the stream is one full pass, with its own progress bar.
+            for info in tqdm(merged_params, desc=f"{spec.name}: statistics pass", unit="param",
+                             disable=not progress, file=sys.stderr, leave=False):
                 ctx = make_context(cfg, info, stats)
                 base, deltas = _read_deltas(inputs, info, device)
                 yield ctx, base, _apply_filters(filters, base, deltas, ctx, upto=position)
 
-        bar = tqdm(desc=f"{spec.name}: first pass", total=None, disable=not progress, file=sys.stderr, leave=False)
-        try:
-            stats[spec.name] = spec.prepare(_Passes(stream), params)
-        finally:
-            bar.close()
+        stats[spec.name] = spec.prepare(_Passes(stream), params)
     return stats
 
 
