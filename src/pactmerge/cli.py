@@ -91,7 +91,10 @@ def bench(
     from pactmerge.eval.bench import bench_command
 
     try:
-        bench_command(tasks, methods, steps, seed, cache_dir, out, quick, pact_rank, alpha_max, progress)
+        bench_command(
+            tasks=tasks, methods=methods, steps=steps, seed=seed, cache_dir=cache_dir, out=out,
+            quick=quick, pact_rank=pact_rank, alpha_max=alpha_max, progress=progress,
+        )
     except (PactMergeError, ValueError) as e:
         _fail(e)
 

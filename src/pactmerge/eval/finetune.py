@@ -136,7 +136,8 @@ class FinetuneConfig:
 
 
 def finetune_key(task: Task, base: BaseModelRef, cfg: FinetuneConfig) -> str:
-    return _digest({"task": task.fingerprint(), "base": base.key, "cfg": asdict(cfg), "code": CODE_VERSION})
+    # Only the train split and the prompts shape the weights: evaluation subsets share fine-tunes.
+    return _digest({"task": task.fingerprint(("train",)), "base": base.key, "cfg": asdict(cfg), "code": CODE_VERSION})
 
 
 def train(base: BaseModelRef, task: Task, head: torch.Tensor, cfg: FinetuneConfig, tokenizer=None, progress: bool = True):

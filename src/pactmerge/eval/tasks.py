@@ -117,11 +117,11 @@ class Task:
     def num_classes(self) -> int:
         return len(self.labels)
 
-    def fingerprint(self) -> str:
-        """A hash of everything about the task that a fine-tune depends on (data and prompts)."""
+    def fingerprint(self, splits: tuple[str, ...] = SPLITS) -> str:
+        """A hash of the task's name, labels, prompts and the data of ``splits``."""
         h = hashlib.sha256()
         h.update(json.dumps([self.name, self.labels, self.prompts], ensure_ascii=False).encode())
-        for s in SPLITS:
+        for s in splits:
             h.update(json.dumps(self.splits.get(s, ([], [])), ensure_ascii=False).encode())
         return h.hexdigest()
 
