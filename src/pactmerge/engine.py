@@ -11,6 +11,10 @@ For each parameter of the plan::
 Only ``T + 1`` input tensors of one parameter (plus the method's workspace) are in memory at a
 time; the sources are read lazily and the writer flushes shards as they fill. Parameters that
 are excluded or not floating point are copied from the base.
+
+LoRA adapters (``pactmerge.io.lora``): an adapter's ``Delta_t`` of a 2-D weight is a
+:class:`~pactmerge.lowrank.LowRankDelta` (its factors); filters and methods registered with
+``lowrank=True`` receive it as is, every other one the dense matrix (formed per parameter).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from tqdm.auto import tqdm
 from pactmerge.config import DTYPES, MergeConfig
 from pactmerge.errors import PactMergeError
 from pactmerge.io.sources import Source
+from pactmerge.lowrank import LowRankDelta, add_to, densify, tensors_of
 from pactmerge.plan import Plan, build_plan, check_finite, make_context
 from pactmerge.registry import ParamContext, ParamInfo
 
@@ -53,6 +58,7 @@ class MergeInputs:
 
 
 def open_inputs(cfg: MergeConfig) -> MergeInputs:
+    from pactmerge.io.lora import is_adapter, open_adapter
     from pactmerge.io.sources import open_source
 
     opened: list[Source] = []
@@ -61,7 +67,8 @@ def open_inputs(cfg: MergeConfig) -> MergeInputs:
         opened.append(base)
         models = []
         for i, entry in enumerate(cfg.models):
-            src = open_source(entry.model, f"<in-memory model {i}>")
+            # A PEFT adapter folder is read over the base (its update is s B A; see io/lora.py).
+            src = open_adapter(entry.model, base) if is_adapter(entry.model) else open_source(entry.model, f"<in-memory model {i}>")
             opened.append(src)
             models.append(src)
         plan = build_plan(cfg, base, models)
@@ -85,7 +92,13 @@ def check_plan(inputs: MergeInputs) -> None:
                 spec.check(params, info)
 
 
-def _read_deltas(inputs: MergeInputs, info: ParamInfo, device: torch.device) -> tuple[Tensor, list[Tensor]]:
+def _read_deltas(
+    inputs: MergeInputs, info: ParamInfo, device: torch.device, lowrank: bool = False
+) -> tuple[Tensor, list[Tensor | LowRankDelta]]:
+    """``(theta_0, [Delta_t])`` of one parameter in the compute dtype on ``device``. An adapter's
+    update of a 2-D weight is a :class:`LowRankDelta` when ``lowrank``, else dense."""
+    from pactmerge.io.lora import LoraSource
+
     dtype = inputs.cfg.compute_dtype
     raw = inputs.base.get(info.name)
     check_finite(raw, inputs.base.file_of(info.name), info.name)
@@ -93,6 +106,15 @@ def _read_deltas(inputs: MergeInputs, info: ParamInfo, device: torch.device) -> 
     del raw
     deltas = []
     for src in inputs.models:
+        if isinstance(src, LoraSource):
+            d = src.lowrank_delta(info.name, device, dtype)
+            if d is None:  # a parameter LoRA does not touch (bias, norm): zero update
+                deltas.append(torch.zeros_like(base))
+                continue
+            for f in tensors_of(d):
+                check_finite(f, src.file_of(info.name), info.name)
+            deltas.append(d if lowrank else d.dense())
+            continue
         t = src.get(info.name)
         check_finite(t, src.file_of(info.name), info.name)
         # get() returns a private copy, so subtracting in place is safe even when .to() is a no-op.
@@ -101,9 +123,14 @@ def _read_deltas(inputs: MergeInputs, info: ParamInfo, device: torch.device) -> 
     return base, deltas
 
 
+def _as_accepted(spec, deltas: list) -> list:
+    """Task vectors as ``spec`` accepts them: dense unless it was registered ``lowrank=True``."""
+    return deltas if spec.lowrank else densify(deltas)
+
+
 def _apply_filters(filters, base, deltas, ctx, upto: int | None = None) -> list[Tensor]:
     for spec, params in filters[:upto]:
-        deltas = spec.fn(base, deltas, ctx, params)
+        deltas = spec.fn(base, _as_accepted(spec, deltas), ctx, params)
     return deltas
 
 
@@ -141,21 +168,22 @@ def _run_prepare_passes(inputs: MergeInputs, device: torch.device, progress: boo
             for info in tqdm(merged_params, desc=f"{spec.name}: statistics pass", unit="param",
                              disable=not progress, file=sys.stderr, leave=False):
                 ctx = make_context(cfg, info, stats)
-                base, deltas = _read_deltas(inputs, info, device)
-                yield ctx, base, _apply_filters(filters, base, deltas, ctx, upto=position)
+                base, deltas = _read_deltas(inputs, info, device, lowrank=True)
+                yield ctx, base, _as_accepted(spec, _apply_filters(filters, base, deltas, ctx, upto=position))
 
         stats[spec.name] = spec.prepare(_Passes(stream), params)
     return stats
 
 
 def iter_merged_deltas(
-    inputs: MergeInputs, device: str | torch.device = "cpu", progress: bool = False
+    inputs: MergeInputs, device: str | torch.device = "cpu", progress: bool = False, lowrank: bool = False
 ) -> Iterator[tuple[ParamInfo, Tensor, Tensor | None]]:
     """Yield ``(info, base, merged_delta)`` per parameter, in the plan's order.
 
     ``base`` and ``merged_delta`` are in the compute dtype on ``device``; ``merged_delta`` is None
     for copied parameters. The caller forms ``base + alpha * merged_delta`` (so one pass serves a
-    whole grid of alpha values).
+    whole grid of alpha values). With ``lowrank`` a merged delta may be a :class:`LowRankDelta`
+    (a low-rank-aware method on adapters); otherwise it is always dense.
     """
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     cfg = inputs.cfg
@@ -167,13 +195,14 @@ def iter_merged_deltas(
             yield info, inputs.base.get(info.name), None
             continue
         ctx: ParamContext = make_context(cfg, info, stats)
-        base, deltas = _read_deltas(inputs, info, device)
+        base, deltas = _read_deltas(inputs, info, device, lowrank=True)
         deltas = _apply_filters(filters, base, deltas, ctx)
-        merged = method_spec.fn(base, deltas, ctx, method_params)
+        merged = method_spec.fn(base, _as_accepted(method_spec, deltas), ctx, method_params)
         del deltas
         (merged,) = _apply_filters(post, base, [merged], ctx)
-        check_finite(merged, f"method {cfg.method}", info.name)
-        yield info, base, merged
+        for t in tensors_of(merged):
+            check_finite(t, f"method {cfg.method}", info.name)
+        yield info, base, merged if lowrank else densify([merged])[0]
 
 
 def output_layout(inputs: MergeInputs) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
@@ -191,9 +220,9 @@ def iter_merged_params(
     """Yield ``(name, theta)`` with ``theta = theta_0 + alpha * merged`` in the output dtype, on the CPU."""
     cfg = inputs.cfg
     out_dtype = DTYPES[cfg.out_dtype] if cfg.out_dtype else None
-    for info, base, merged in iter_merged_deltas(inputs, device, progress):
+    for info, base, merged in iter_merged_deltas(inputs, device, progress, lowrank=True):
         if merged is None:
             yield info.name, base
             continue
-        theta = base.add_(merged, alpha=cfg.alpha)
+        theta = add_to(base, merged, alpha=cfg.alpha)
         yield info.name, theta.to(dtype=out_dtype or info.dtype).cpu()

@@ -23,6 +23,10 @@ that later calls see as ``ctx.stats[name]``. The argument is re-iterable: each `
 one more full streaming pass (re-reading the inputs), for statistics that one pass cannot give
 exactly (e.g. a k-th largest value by radix selection). ``check(p, info)`` may reject a parameter up front
 (e.g. a rank larger than a matrix allows) with a :class:`PactMergeError`.
+
+``lowrank=True`` declares that ``fn`` (and ``prepare``) accept task vectors given as
+:class:`pactmerge.lowrank.LowRankDelta` (LoRA adapters) mixed with dense tensors, and may return
+them; for every other method/filter the engine densifies them first, one parameter at a time.
 """
 
 from __future__ import annotations
@@ -101,31 +105,34 @@ class Spec:
     check: CheckFn | None = None
     doc: str = ""
     stage: str = "pre"  # filters only: "pre" (each task vector, before the method) or "post" (the merged one)
+    lowrank: bool = False  # accepts pactmerge.lowrank.LowRankDelta task vectors; else the engine densifies them
 
 
 METHODS: dict[str, Spec] = {}
 FILTERS: dict[str, Spec] = {}
 
 
-def _register(table: dict[str, Spec], kind: str, name: str, params, prepare, check, stage: str = "pre"):
+def _register(table: dict[str, Spec], kind: str, name: str, params, prepare, check, stage: str = "pre", lowrank: bool = False):
     if stage not in ("pre", "post"):
         raise ValueError(f"{kind} {name!r}: stage must be 'pre' or 'post', not {stage!r}")
 
     def deco(fn):
         if name in table:
             raise RuntimeError(f"{kind} {name!r} registered twice")
-        table[name] = Spec(name, fn, params or NoParams, prepare, check, (fn.__doc__ or "").strip(), stage)
+        table[name] = Spec(name, fn, params or NoParams, prepare, check, (fn.__doc__ or "").strip(), stage, lowrank)
         return fn
 
     return deco
 
 
-def register_method(name: str, params: type[BaseModel] | None = None, prepare=None, check=None):
-    return _register(METHODS, "method", name, params, prepare, check)
+def register_method(name: str, params: type[BaseModel] | None = None, prepare=None, check=None, lowrank: bool = False):
+    return _register(METHODS, "method", name, params, prepare, check, lowrank=lowrank)
 
 
-def register_filter(name: str, params: type[BaseModel] | None = None, prepare=None, check=None, stage: str = "pre"):
-    return _register(FILTERS, "filter", name, params, prepare, check, stage)
+def register_filter(
+    name: str, params: type[BaseModel] | None = None, prepare=None, check=None, stage: str = "pre", lowrank: bool = False
+):
+    return _register(FILTERS, "filter", name, params, prepare, check, stage, lowrank)
 
 
 def _load_builtins() -> None:
