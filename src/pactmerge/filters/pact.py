@@ -12,6 +12,14 @@ For one 2-D parameter with pretrained weight theta_0 (m x n) and task vectors De
 ``orth`` is rank-revealing (:func:`pactmerge.linalg.orth`): the LBW subspaces of different tasks
 overlap almost entirely, and the dependent columns of their concatenation must not be turned
 into invented directions.
+
+LoRA adapters (:class:`~pactmerge.lowrank.LowRankDelta`, ``Delta_t = B_t A_t``; pact.txt
+Section 5.2): V_{t,k} comes from the factors, never from an ``m x n`` SVD -- by default the exact
+top-k of ``B_t A_t`` (QR of B_t, SVD of the small R_t A_t), or with ``lora_subspace: a_rows`` the
+paper's shortcut, the top-k right singular vectors of A_t alone (same row space, A_t's own
+ordering within it). Filtering touches only A_t: Delta~_t = B_t (A_t (I - P_t P_t^T)), still rank r.
+For k > r an adapter's active subspace is its r-dimensional row space (a dense SVD would pad it
+with arbitrary null-space directions). Dense and low-rank task vectors may be mixed.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from torch import Tensor
 
 from pactmerge.errors import PactMergeError
 from pactmerge.linalg import orth, top_right_singular_vectors
+from pactmerge.lowrank import LowRankDelta, top_right_lowrank
 from pactmerge.registry import ParamContext, ParamInfo, Params, register_filter
 
 
@@ -38,6 +47,9 @@ class PactParams(Params):
     orth_rtol: float | None = Field(
         None, gt=0, description="rank tolerance of orth(), relative to the largest singular value; default max(n, c)*eps"
     )
+    lora_subspace: Literal["exact", "a_rows"] = Field(
+        "exact", description="LoRA adapters: V_{t,k} = exact top-k of B_t A_t from the factors, or of A_t alone (paper 5.2)"
+    )
 
 
 @dataclass
@@ -50,7 +62,9 @@ class PactSubspaces:
     protect: list[Tensor]  # P_t: (n, p_t) each
 
 
-def _top(a: Tensor, r: int, p: PactParams, ctx: ParamContext | None, salt: int) -> Tensor:
+def _top(a: Tensor | LowRankDelta, r: int, p: PactParams, ctx: ParamContext | None, salt: int) -> Tensor:
+    if isinstance(a, LowRankDelta):  # from the factors (exact and cheaper than a randomized sketch)
+        return top_right_lowrank(a, r, p.lora_subspace)
     gen = ctx.generator(salt) if (ctx is not None and p.svd == "randomized") else None
     return top_right_singular_vectors(
         a, r, method=p.svd, oversample=p.oversample, power_iters=p.power_iters, generator=gen
@@ -62,7 +76,8 @@ def pact_subspaces(base: Tensor, deltas: list[Tensor], p: PactParams, ctx: Param
 
     Args:
         base: ``(m, n)`` pretrained weight.
-        deltas: ``T`` task vectors of shape ``(m, n)``, in the compute dtype.
+        deltas: ``T`` task vectors of shape ``(m, n)``, in the compute dtype: dense tensors or
+            :class:`LowRankDelta` (see the module doc).
     """
     core = _top(base, p.K, p, ctx, salt=0)
     active = [_top(d, p.k, p, ctx, salt=t + 1) for t, d in enumerate(deltas)]
@@ -87,10 +102,17 @@ def _check(p: PactParams, info: ParamInfo) -> None:
             )
 
 
-@register_filter("pact", params=PactParams, check=_check)
+def _project_out(d: Tensor | LowRankDelta, P: Tensor) -> Tensor | LowRankDelta:
+    """Delta (I - P P^T); for factors only the row factor changes, so the rank stays r."""
+    if isinstance(d, LowRankDelta):
+        return LowRankDelta(d.B, d.A - (d.A @ P) @ P.mT)
+    return d - (d @ P) @ P.mT
+
+
+@register_filter("pact", params=PactParams, check=_check, lowrank=True)
 def pact(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: PactParams) -> list[Tensor]:
     """Strip each task vector of its projection onto the other tasks' load-bearing-wall subspaces."""
     if not ctx.info.is_matrix or not ctx.info.in_depth(p.depth) or len(deltas) < 2 or p.K == 0:
         return deltas
     sub = pact_subspaces(base, deltas, p, ctx)
-    return [d - (d @ P) @ P.mT for d, P in zip(deltas, sub.protect)]
+    return [_project_out(d, P) for d, P in zip(deltas, sub.protect)]

@@ -12,6 +12,12 @@ exactly such a null space -- the pretrained core PACT protects -- and the litera
 sigma_bar into it (../shared/notes/pact-composition.md).
 
 Iso-CTS (``iso_cts``, below) adds task-specific directions to the common subspace; see its docstring.
+
+LoRA adapters (every task vector a :class:`~pactmerge.lowrank.LowRankDelta`): in the well-posed
+form both methods are computed from the stacked factors (:func:`pactmerge.lowrank.stacked_svd`,
+no ``m x n`` SVD) and return a low-rank update; this is exact, because every direction outside the
+factors' span has a zero singular value and gets no update. The literal form (``rank_aware:
+false``) writes onto those null directions, so it densifies.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pydantic import Field
 from torch import Tensor
 
 from pactmerge.linalg import default_rtol, numerical_rank, polar_factor
+from pactmerge.lowrank import LowRankDelta, all_lowrank, densify, factor_svd, scale_delta, stacked_svd
 from pactmerge.methods.task_arithmetic import weighted_sum
 from pactmerge.registry import ParamContext, Params, register_method
 
@@ -47,9 +54,23 @@ def isotropic_flatten(m: Tensor, rank_aware: bool = True, rank_rtol: float | Non
     return sigma_bar * (u @ vh)
 
 
-@register_method("iso_c", params=IsoCParams)
+def isotropic_flatten_lowrank(deltas: list[LowRankDelta], weights: list[float], rank_rtol: float | None = None) -> LowRankDelta:
+    """The well-posed :func:`isotropic_flatten` of ``sum_t w_t B_t A_t`` from the stacked factors.
+
+    sigma_bar = sum(S) / min(m, n): the dense spectrum's other values are zero."""
+    m, n = deltas[0].shape
+    u, s, vh = stacked_svd(deltas, weights)
+    r = numerical_rank(s, (m, n), rank_rtol)
+    sigma_bar = s.sum() / min(m, n)
+    return LowRankDelta(sigma_bar * u[:, :r], vh[:r])
+
+
+@register_method("iso_c", params=IsoCParams, lowrank=True)
 def iso_c(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: IsoCParams) -> Tensor:
     """Iso-C: the spectrum of sum_t Delta_t flattened to its mean; 1-D parameters: mean of Delta_t."""
+    if ctx.info.is_matrix and p.rank_aware and all_lowrank(deltas):
+        return isotropic_flatten_lowrank(deltas, ctx.weights, p.rank_rtol)
+    deltas = densify(deltas)
     if not ctx.info.is_matrix:
         return mean_of(deltas)
     return isotropic_flatten(weighted_sum(deltas, ctx.weights), p.rank_aware, p.rank_rtol)
@@ -105,7 +126,35 @@ def iso_cts_merge(deltas: list[Tensor], f: float, rank_aware: bool = True, rank_
     return sigma_bar * (u_perp @ v_perp.mT)
 
 
-@register_method("iso_cts", params=IsoCtsParams)
+def iso_cts_merge_lowrank(deltas: list[LowRankDelta], f: float, rank_rtol: float | None = None) -> LowRankDelta:
+    """The well-posed :func:`iso_cts_merge` from the factors: the sum's SVD from the stacked
+    factors, each (I - U_c U_c^T) B_t A_t from its own factors; returns a low-rank update."""
+    m, n = deltas[0].shape
+    r, T = min(m, n), len(deltas)
+    k_c, s_per = iso_cts_split(r, T, f)
+    u, s, vh = stacked_svd(deltas)
+    keep_c = min(k_c, numerical_rank(s, (m, n), rank_rtol))
+    u_c = u[:, :keep_c]
+    us, vs, sigma_sum = [u_c], [vh[:keep_c].mT], s[:k_c].sum()
+    rtol = rank_rtol if rank_rtol is not None else default_rtol((m, n), deltas[0].dtype)
+    for d in deltas:
+        if s_per == 0:
+            break
+        ut, st, vht = factor_svd(LowRankDelta(d.B - u_c @ (u_c.mT @ d.B), d.A))
+        sigma_sum = sigma_sum + st[:s_per].sum()
+        norm = factor_svd(d)[1].norm()  # ||B A||_F
+        keep = int((st[:s_per] > rtol * norm).sum())
+        us.append(ut[:, :keep])
+        vs.append(vht[:keep].mT)
+    u_cat, v_cat = torch.cat(us, 1), torch.cat(vs, 1)
+    if u_cat.shape[1] == 0:
+        return LowRankDelta(u_cat, v_cat.mT)
+    u_perp = polar_factor(u_cat, rank_rtol)
+    v_perp = polar_factor(v_cat, rank_rtol)
+    return LowRankDelta((sigma_sum / r) * u_perp, v_perp.mT)
+
+
+@register_method("iso_cts", params=IsoCtsParams, lowrank=True)
 def iso_cts(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: IsoCtsParams) -> Tensor:
     """Iso-CTS: common + task-specific singular directions, polar-whitened, one flat spectrum; 1-D: mean.
 
@@ -131,7 +180,10 @@ def iso_cts(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: IsoCtsPara
     unless U* or V* is rank-deficient -- as after PACT with T >= 4, where the literal polar factor
     fills the missing directions with arbitrary ones inside the protected core.
     """
-    scaled = [d * w if w != 1.0 else d for d, w in zip(deltas, ctx.weights)]
+    scaled = [scale_delta(d, w) for d, w in zip(deltas, ctx.weights)]
+    if ctx.info.is_matrix and p.rank_aware and all_lowrank(scaled):
+        return iso_cts_merge_lowrank(scaled, p.common_space_fraction, p.rank_rtol)
+    scaled = densify(scaled)
     if not ctx.info.is_matrix:
         return mean_of(scaled)
     return iso_cts_merge(scaled, p.common_space_fraction, p.rank_aware, p.rank_rtol)

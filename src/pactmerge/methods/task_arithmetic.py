@@ -1,9 +1,13 @@
-"""Task Arithmetic (Ilharco et al. 2023): the merged task vector is sum_t w_t Delta_t."""
+"""Task Arithmetic (Ilharco et al. 2023): the merged task vector is sum_t w_t Delta_t.
+
+LoRA adapters: when every task vector is low-rank the sum is the concatenated factors, exact.
+"""
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from pactmerge.lowrank import all_lowrank, densify, lowrank_sum
 from pactmerge.registry import NoParams, ParamContext, register_method
 
 
@@ -14,7 +18,9 @@ def weighted_sum(deltas: list[Tensor], weights: list[float]) -> Tensor:
     return out
 
 
-@register_method("task_arithmetic", params=NoParams)
+@register_method("task_arithmetic", params=NoParams, lowrank=True)
 def task_arithmetic(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: NoParams) -> Tensor:
     """sum_t w_t * Delta_t (w_t = the model's `weight`, default 1); alpha scales the result."""
-    return weighted_sum(deltas, ctx.weights)
+    if all_lowrank(deltas):
+        return lowrank_sum(deltas, ctx.weights)
+    return weighted_sum(densify(deltas), ctx.weights)

@@ -24,6 +24,11 @@ rank-deficient -- e.g. after PACT with T >= 4 every filtered task vector annihil
 V_{0,K}, so V^ has at most n - K independent columns, and the literal polar factor completes it
 with arbitrary directions that land in that core (../shared/notes/pact-composition.md).
 ``rank_aware: false`` is the literal formula.
+
+LoRA adapters (every task vector a :class:`~pactmerge.lowrank.LowRankDelta`): in the well-posed
+form each task's SVD comes from its factors (:func:`pactmerge.lowrank.factor_svd`) and the result
+is low-rank, ``(U_perp S^) V_perp^T`` -- exact, since a rank-r_t task has no triplets beyond r_t
+to keep. The literal form densifies (it may fill U^/V^ with null-space vectors).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pydantic import Field
 from torch import Tensor
 
 from pactmerge.linalg import numerical_rank, polar_factor
+from pactmerge.lowrank import LowRankDelta, all_lowrank, densify, factor_svd, scale_delta
 from pactmerge.methods.isotropic import mean_of
 from pactmerge.registry import ParamContext, Params, register_method
 
@@ -42,29 +48,35 @@ class TsvParams(Params):
     rank_rtol: float | None = Field(None, gt=0, description="null tolerance relative to the largest singular value; default max(m,n)*eps")
 
 
-def tsv_merge(deltas: list[Tensor], rank_aware: bool = True, rank_rtol: float | None = None) -> Tensor:
-    """U_perp diag(S^) V_perp^T for ``T`` matrices ``deltas`` of shape ``(m, n)`` (see module doc)."""
+def tsv_merge(deltas: list, rank_aware: bool = True, rank_rtol: float | None = None):
+    """U_perp diag(S^) V_perp^T for ``T`` matrices ``deltas`` of shape ``(m, n)`` (see module doc).
+
+    All :class:`LowRankDelta` with ``rank_aware``: from the factors, returned as a LowRankDelta."""
+    lowrank = rank_aware and all_lowrank(deltas)
+    deltas = deltas if lowrank else densify(deltas)
     m, n = deltas[0].shape
     k = min(m, n) // len(deltas)
     us, ss, vs = [], [], []
     for d in deltas:
-        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        u, s, vh = factor_svd(d) if lowrank else torch.linalg.svd(d, full_matrices=False)
         keep = min(k, numerical_rank(s, (m, n), rank_rtol)) if rank_aware else k
         us.append(u[:, :keep])
         ss.append(s[:keep])
         vs.append(vh[:keep].mT)
     u_cat, s_cat, v_cat = torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 1)
     if s_cat.numel() == 0:
-        return torch.zeros_like(deltas[0])
+        return LowRankDelta(u_cat, v_cat.mT) if lowrank else torch.zeros_like(deltas[0])
     u_perp = polar_factor(u_cat, rank_rtol, literal=not rank_aware)
     v_perp = polar_factor(v_cat, rank_rtol, literal=not rank_aware)
+    if lowrank:
+        return LowRankDelta(u_perp * s_cat, v_perp.mT)
     return (u_perp * s_cat) @ v_perp.mT
 
 
-@register_method("tsv_m", params=TsvParams)
+@register_method("tsv_m", params=TsvParams, lowrank=True)
 def tsv_m(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: TsvParams) -> Tensor:
     """TSV-M: each task's top floor(r/T) singular triplets, U and V whitened by polar factors; 1-D: mean."""
-    scaled = [d * w if w != 1.0 else d for d, w in zip(deltas, ctx.weights)]
+    scaled = [scale_delta(d, w) for d, w in zip(deltas, ctx.weights)]
     if not ctx.info.is_matrix:
-        return mean_of(scaled)
+        return mean_of(densify(scaled))
     return tsv_merge(scaled, p.rank_aware, p.rank_rtol)

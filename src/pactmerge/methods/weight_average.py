@@ -13,14 +13,18 @@ from __future__ import annotations
 from torch import Tensor
 
 from pactmerge.errors import PactMergeError
+from pactmerge.lowrank import all_lowrank, densify, lowrank_sum
 from pactmerge.methods.task_arithmetic import weighted_sum
 from pactmerge.registry import NoParams, ParamContext, register_method
 
 
-@register_method("weight_average", params=NoParams)
+@register_method("weight_average", params=NoParams, lowrank=True)
 def weight_average(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: NoParams) -> Tensor:
     """sum_t w_t Delta_t / sum_t w_t: the (weighted) mean of the fine-tuned weights at alpha = 1."""
     total = float(sum(ctx.weights))
     if total == 0.0:
         raise PactMergeError("method weight_average: the models' weights sum to 0 (cannot normalise)")
-    return weighted_sum(deltas, [w / total for w in ctx.weights])
+    weights = [w / total for w in ctx.weights]
+    if all_lowrank(deltas):  # LoRA adapters: the concatenated factors, exact
+        return lowrank_sum(deltas, weights)
+    return weighted_sum(densify(deltas), weights)
