@@ -31,7 +31,8 @@ def merge(
         config: a :class:`MergeConfig`, a mapping with the YAML keys, or a YAML file path. Model
             references may be paths or in-memory ``dict[str, Tensor]`` state dicts.
         output_dir: if given, write an HF-style folder there (atomically) and return its path;
-            otherwise return the merged state dict.
+            otherwise return the merged state dict. With ``output: adapter`` in the config the
+            folder is a PEFT LoRA adapter instead (docs/lora.md); the in-memory result stays dense.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         overwrite: replace an existing ``output_dir``.
         **overrides: config keys given directly, e.g. ``merge(base_model=sd0, models=[sd1, sd2],
@@ -51,6 +52,8 @@ def merge(
     try:
         if output_dir is None:
             return dict(iter_merged_params(inputs, dev, progress))
+        if cfg.output == "adapter":
+            return _write_adapter(inputs, Path(output_dir), dev, overwrite, progress)
         return _write(inputs, Path(output_dir), dev, overwrite, progress)
     finally:
         inputs.close()
@@ -68,6 +71,58 @@ def _write(inputs, output_dir: Path, device, overwrite: bool, progress: bool) ->
         (tmp / "pactmerge_config.yaml").write_text(config_to_yaml(cfg))
         (tmp / "README.md").write_text(_merge_card(cfg, inputs, files, copied, time.perf_counter() - start))
     return output_dir
+
+
+def _write_adapter(inputs, output_dir: Path, device, overwrite: bool, progress: bool) -> Path:
+    """``output: adapter``: the merged update ``alpha * merged`` as a PEFT LoRA adapter folder."""
+    from pactmerge.config import DTYPES
+    from pactmerge.engine import iter_merged_deltas
+    from pactmerge.errors import PactMergeError
+    from pactmerge.io.adapter_writer import write_adapter
+    from pactmerge.io.lora import LoraSource
+    from pactmerge.lowrank import scale_delta
+
+    cfg = inputs.cfg
+    layouts = {s.fan_in_fan_out for s in inputs.models if isinstance(s, LoraSource)}
+    if len(layouts) > 1:
+        raise PactMergeError("output: adapter: the input adapters disagree on fan_in_fan_out")
+    out_dtype = DTYPES[cfg.out_dtype] if cfg.out_dtype else None
+    base_name = str(cfg.base_model) if isinstance(cfg.base_model, (str, os.PathLike)) else None
+    start = time.perf_counter()
+    with atomic_output_dir(output_dir, overwrite) as tmp:
+        updates = (
+            (info, scale_delta(merged, cfg.alpha))
+            for info, _, merged in iter_merged_deltas(inputs, device, progress, lowrank=True)
+            if merged is not None
+        )
+        report = write_adapter(
+            tmp, updates, max_rank=cfg.adapter_rank, fan_in_fan_out=layouts == {True}, base_name=base_name,
+            dtype_of=lambda info: out_dtype or info.dtype,
+        )
+        (tmp / "pactmerge_config.yaml").write_text(config_to_yaml(cfg))
+        card = _merge_card(cfg, inputs, ["adapter_model.safetensors"], [], time.perf_counter() - start)
+        (tmp / "README.md").write_text(card + _adapter_section(report, cfg.adapter_rank))
+    return output_dir
+
+
+def _adapter_section(report, max_rank) -> str:
+    lines = [
+        "## LoRA adapter",
+        "",
+        f"{len(report.modules)} target modules; "
+        + ("exact: every update is written at its numerical rank." if report.exact
+           else f"truncated to adapter_rank = {max_rank} where the update's rank is higher (energy kept below)."),
+        "",
+        "| module | rank written | numerical rank | energy kept |",
+        "|---|---|---|---|",
+        *[f"| `{m}` | {r} | {q} | {e:.6f} |" for m, (r, q, e) in report.modules.items()],
+        "",
+    ]
+    nonzero = {n: v for n, v in report.dropped.items() if v > 0}
+    if nonzero:
+        lines += ["Updates a LoRA adapter cannot carry (dropped; Frobenius norm):", ""]
+        lines += [f"- `{n}`: {v:.4g}" for n, v in nonzero.items()] + [""]
+    return "\n".join(lines)
 
 
 def _merge_card(cfg: MergeConfig, inputs, files: list[str], copied: list[str], seconds: float) -> str:

@@ -52,6 +52,10 @@ class MergeConfig(BaseModel):
     out_dtype: Literal["float32", "float64", "float16", "bfloat16"] | None = None
     seed: int = 0
     max_shard_size: Union[int, str] = "2GB"
+    # `adapter`: write the merged update as a PEFT LoRA adapter folder instead of dense weights
+    # (pactmerge.io.adapter_writer); rank = the update's numerical rank, at most `adapter_rank`.
+    output: Literal["dense", "adapter"] = "dense"
+    adapter_rank: int | None = Field(None, ge=1)
 
     @field_validator("models", mode="before")
     @classmethod
