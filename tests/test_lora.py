@@ -287,20 +287,22 @@ def tiny(seed=0):
     return Tiny().double()
 
 
-def peft_adapter(folder, seed, r, alpha, targets, **kw):
+def peft_adapter(folder, seed, r, alpha, targets, safe=True, **kw):
     model = peft.get_peft_model(tiny(), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, **kw))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    model.save_pretrained(str(folder))
+    model.save_pretrained(str(folder), safe_serialization=safe)
     return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
 
 
-def test_peft_adapter_read_like_merge_and_unload(tmp_path):
+@pytest.mark.parametrize("safe", [True, False])
+def test_peft_adapter_read_like_merge_and_unload(tmp_path, safe):
     base = {k: v.detach().clone() for k, v in tiny().state_dict().items()}
-    merged_by_peft = peft_adapter(tmp_path / "a", 1, 4, 8, ["q", "v"], rank_pattern={"layers.1.v": 2}, alpha_pattern={"v": 3})
+    merged_by_peft = peft_adapter(tmp_path / "a", 1, 4, 8, ["q", "v"], safe, rank_pattern={"layers.1.v": 2}, alpha_pattern={"v": 3})
+    assert (tmp_path / "a" / ("adapter_model.safetensors" if safe else "adapter_model.bin")).is_file()
     ours = pactmerge.merge(base_model=base, models=[str(tmp_path / "a")], dtype="float64")
     for k, v in merged_by_peft.items():
         np.testing.assert_allclose(ours[k].numpy(), v.numpy(), atol=1e-12, err_msg=k)
