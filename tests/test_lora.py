@@ -333,3 +333,18 @@ def test_output_adapter_loads_in_peft(tmp_path, method, params, rank):
     else:  # truncated to rank 3: reported, and close but not equal
         assert "energy kept" in card and "truncated" in card
         assert float(np.abs(got.numpy() - want.numpy()).max()) < 0.5
+
+
+def test_output_adapter_fan_in_fan_out_round_trip(tmp_path):
+    # The base stores W^T; the output adapter must say fan_in_fan_out and transpose its factors.
+    base = base_sd()
+    tbase = {k: (v.mT.contiguous() if v.ndim == 2 else v) for k, v in base.items()}
+    folders = [write_adapter(tmp_path / f"a{i}", random_adapter(i, r, ALL), r, 2.0 * r, fan_in_fan_out=True)
+               for i, r in enumerate((2, 3))]
+    cfg = dict(base_model=tbase, models=[str(f) for f in folders], method="iso_c", dtype="float64", alpha=0.5)
+    dense = pactmerge.merge(**cfg)
+    out = pactmerge.merge(dict(cfg, output="adapter"), tmp_path / "out")
+    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    again = pactmerge.merge(base_model=tbase, models=[str(out)], dtype="float64")
+    for k, v in dense.items():
+        np.testing.assert_allclose(again[k].numpy(), v.numpy(), atol=1e-10, err_msg=k)
