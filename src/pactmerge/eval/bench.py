@@ -233,7 +233,7 @@ def run_bench(cfg: BenchConfig, log=print, tasks: dict[str, Task] | None = None)
                 "test": test,
                 "validation": val,
                 "alpha": None if choice is None else choice.alpha,
-                "alpha_label": "—" if choice is None else choice.label(),
+                "alpha_label": "—" if choice is None else choice.label() + (" (fixed)" if row.fixed_alpha is not None else ""),
                 "alpha_edge": None if choice is None else choice.edge,
                 "alpha_extended": None if choice is None else choice.extended,
                 "alpha_trace": None if choice is None else choice.trace,
