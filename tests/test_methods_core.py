@@ -91,14 +91,17 @@ def test_default_pact_iso_c_writes_nothing_into_the_protected_core(rng):
     np.testing.assert_allclose(well - well @ null @ null.T, literal - literal @ null @ null.T, atol=1e-9)
 
 
-def test_default_pact_iso_c_is_stable_under_float32_rounding(rng):
+@pytest.mark.parametrize("method", ["iso_c", "tsv_m", "iso_cts"])
+def test_default_pact_spectral_methods_are_stable_under_float32_rounding(rng, method):
+    """The well-posed forms depend continuously on the inputs even where PACT makes the sums and
+    stacked bases rank-deficient (the literal forms change arbitrarily there)."""
     base, deltas, kk = _pact_iso_setup(rng, T=6, m=64, n=64)
     sd0 = {"l.0.w": t64(base)}
     models = [{"l.0.w": t64(base + d)} for d in deltas]
-    ref = pactmerge.merge(base_model=sd0, models=models, method="iso_c", dtype="float64", pact=kk)["l.0.w"].numpy() - base
+    ref = pactmerge.merge(base_model=sd0, models=models, method=method, dtype="float64", pact=kk)["l.0.w"].numpy() - base
     sd0_32 = {"l.0.w": t64(base).float()}
     models_32 = [{"l.0.w": m["l.0.w"].float()} for m in models]
-    got = pactmerge.merge(base_model=sd0_32, models=models_32, method="iso_c", dtype="float32", pact=kk)["l.0.w"]
+    got = pactmerge.merge(base_model=sd0_32, models=models_32, method=method, dtype="float32", pact=kk)["l.0.w"]
     got = got.double().numpy() - base.astype(np.float32).astype(np.float64)
     rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
-    assert rel < 2e-4, rel
+    assert rel < 5e-4, rel

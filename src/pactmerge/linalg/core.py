@@ -69,7 +69,11 @@ def polar_factor(a: Tensor, rank_rtol: float | None = None, literal: bool = Fals
 
     Args:
         a: ``(m, n)`` matrix.
-        rank_rtol: relative tolerance for the numerical range (see :func:`default_rtol`).
+        rank_rtol: singular values ``<= rank_rtol * sigma_max`` count as zero. Default
+            ``sqrt(eps(dtype))`` (about 3e-4 in float32, 1.5e-8 in float64), looser than
+            :func:`default_rtol`: the inputs here are stacked (near-)orthonormal bases, whose
+            truly dependent directions come out of the preceding SVDs with round-off well above
+            ``max(m, n) * eps``; at that threshold whether they count would be a coin flip.
         literal: if True, use every singular pair, including those of (numerically) zero
             singular values, whose vectors are arbitrary; if False (default) the factor is
             restricted to the numerical range, which is unique.
@@ -79,6 +83,8 @@ def polar_factor(a: Tensor, rank_rtol: float | None = None, literal: bool = Fals
     """
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
     if not literal:
+        if rank_rtol is None:
+            rank_rtol = torch.finfo(a.dtype).eps ** 0.5
         r = numerical_rank(s, tuple(a.shape), rank_rtol)
         u, vh = u[:, :r], vh[:r]
     return u @ vh

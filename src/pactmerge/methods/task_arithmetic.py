@@ -12,9 +12,10 @@ from pactmerge.registry import NoParams, ParamContext, register_method
 
 
 def weighted_sum(deltas: list[Tensor], weights: list[float]) -> Tensor:
+    """sum_t w_t * deltas[t], accumulated in place: one output tensor, no temporaries."""
     out = deltas[0] * weights[0]
     for d, w in zip(deltas[1:], weights[1:]):
-        out = out + d * w
+        out.add_(d, alpha=w)
     return out
 
 
