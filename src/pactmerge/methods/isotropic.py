@@ -106,7 +106,10 @@ def iso_cts_merge(deltas: list[Tensor], f: float, rank_aware: bool = True, rank_
     keep_c = min(k_c, numerical_rank(s, (m, n), rank_rtol)) if rank_aware else k_c
     u_c = u[:, :keep_c]  # well-posed: arbitrary null-direction vectors are not projected out either
     us, vs, sigma_sum = [u_c], [vh[:keep_c].mT], s[:k_c].sum()
-    rtol = rank_rtol if rank_rtol is not None else default_rtol((m, n), deltas[0].dtype)
+    # Task-specific directions are null-tested like the polar factors (sqrt(eps)): after PACT
+    # and the common projection, what is left of a task vector can be pure round-off, and
+    # Iso-CTS would give it the full sigma_bar.
+    rtol = rank_rtol if rank_rtol is not None else torch.finfo(deltas[0].dtype).eps ** 0.5
     for d in deltas:
         if s_per == 0:
             break
@@ -136,7 +139,10 @@ def iso_cts_merge_lowrank(deltas: list[LowRankDelta], f: float, rank_rtol: float
     keep_c = min(k_c, numerical_rank(s, (m, n), rank_rtol))
     u_c = u[:, :keep_c]
     us, vs, sigma_sum = [u_c], [vh[:keep_c].mT], s[:k_c].sum()
-    rtol = rank_rtol if rank_rtol is not None else default_rtol((m, n), deltas[0].dtype)
+    # Task-specific directions are null-tested like the polar factors (sqrt(eps)): after PACT
+    # and the common projection, what is left of a task vector can be pure round-off, and
+    # Iso-CTS would give it the full sigma_bar.
+    rtol = rank_rtol if rank_rtol is not None else torch.finfo(deltas[0].dtype).eps ** 0.5
     for d in deltas:
         if s_per == 0:
             break
