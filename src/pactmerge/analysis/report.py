@@ -17,7 +17,6 @@ import math
 from pathlib import Path
 
 from pactmerge.analysis.components import COMPONENT_TITLES
-from pactmerge.analysis.summary import offdiag_mean
 from pactmerge.io.writer import atomic_output_dir
 
 import numpy as np

@@ -26,7 +26,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from pactmerge.linalg import default_rtol, numerical_rank, polar_factor
+from pactmerge.linalg import numerical_rank, polar_factor
 from pactmerge.lowrank import LowRankDelta, all_lowrank, densify, factor_svd, scale_delta, stacked_svd
 from pactmerge.methods.task_arithmetic import weighted_sum
 from pactmerge.registry import ParamContext, Params, register_method
