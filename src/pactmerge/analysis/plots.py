@@ -86,13 +86,8 @@ def plot_intrusion_by_layer(result: dict, path: Path) -> Path:
     axes.flat[0].set_ylim(0, 1.08 * top if math.isfinite(top) and top > 0 else 1.0)  # y is shared
     for ax in axes[:, 0]:
         ax.set_ylabel("intrusion energy $E_{in}$")
-    for ax in list(axes.flat)[len(comps):]:
-        ax.set_visible(False)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right center", title="task", fontsize=8)
-    fig.suptitle("Intrusion energy by layer and component (share of each task vector's energy in the base's top-K core)")
-    fig.savefig(path)
-    return path
+    return _finish_task_grid(fig, axes, len(comps), path,
+                             "Intrusion energy by layer and component (share of each task vector's energy in the base's top-K core)")
 
 
 def plot_intrusion_heatmap(result: dict, path: Path) -> Path:
@@ -161,13 +156,8 @@ def plot_axis_intrusion(result: dict, path: Path, max_panels: int = 6) -> Path:
         ax.set_title(name, fontsize=9)
         ax.set_ylabel("share of $\\|\\Delta_t\\|_F^2$")
         ax.grid(axis="y", alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
-        ax.set_visible(False)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right center", title="task", fontsize=8)
-    fig.suptitle("Intrusion energy split over the core axes $v_1, \\dots, v_K$ (most intruded matrices)")
-    fig.savefig(path)
-    return path
+    return _finish_task_grid(fig, axes, len(names), path,
+                             "Intrusion energy split over the core axes $v_1, \\dots, v_K$ (most intruded matrices)")
 
 
 PLOTS = {
@@ -183,3 +173,14 @@ def write_plots(result: dict, folder: Path) -> list[str]:
     for name, fn in PLOTS.items():
         fn(result, Path(folder) / name)
     return list(PLOTS)
+
+
+def _finish_task_grid(fig, axes, used: int, path, title: str):
+    """Hide the unused panels of a grid, add one shared task legend and the title, save."""
+    for ax in list(axes.flat)[used:]:
+        ax.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", title="task", fontsize=8)
+    fig.suptitle(title)
+    fig.savefig(path)
+    return path
