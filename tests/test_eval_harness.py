@@ -3,6 +3,8 @@
 import json
 import os
 import random
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -189,3 +191,45 @@ def test_quick_benchmark_with_minilm(tmp_path):
     for t in report["tasks"]:
         assert rows["finetuned"]["test"][t] > rows["zeroshot"]["test"][t], t
     assert rows["ta"]["avg_abs"] > rows["zeroshot"]["avg_abs"]
+
+
+def test_lora_bench_on_a_tiny_model(tiny):
+    """``bench --lora``: PEFT adapters are trained and cached, read exactly as PEFT merges them,
+    and every LoRA row runs (TA's merged update is the sum of the adapters' updates)."""
+    peft = pytest.importorskip("peft")
+    from pactmerge.eval import bench
+
+    model_dir, tasks, root = tiny
+    lora = ft.LoraFinetuneConfig(rank=2, alpha=4.0, steps=6, lr=5e-3, batch_size=8, max_tokens=12)
+    cfg = _cfg(tiny, lora=lora, methods=None, cache_dir=root / "lora-cache", out_dir=root / "lora-out")
+    before = len(ft.TRAINED)
+    report = run_bench(cfg, log=lambda m: None, tasks=tasks)
+    assert len(ft.TRAINED) == before + 2
+    rows = {r["key"]: r for r in report["rows"]}
+    assert list(rows) == [r.key for r in bench.lora_rows()]
+    assert not [r for r in rows.values() if "skipped" in r]
+    assert rows["pact-ta-arows"]["filters"] == [{"pact": {"K": 4, "k": 2, "lora_subspace": "a_rows"}}]
+    assert rows["knots-dare-ties"]["parameters"] == {"base_method": "ties", "dare_p": 0.5}
+    assert rows["finetuned"]["avg_norm"] == pytest.approx(1.0)
+
+    # The adapters are ordinary PEFT folders; our reading of them equals PEFT's merge_and_unload.
+    base_sd = ft.load_model(model_dir).state_dict()
+    deltas = []
+    for name, folder in report["finetuned_models"].items():
+        assert json.loads((Path(folder) / "adapter_config.json").read_text())["r"] == 2
+        merged = peft.PeftModel.from_pretrained(ft.load_model(model_dir), folder).merge_and_unload().state_dict()
+        delta = {n: merged[n] - base_sd[n] for n in base_sd if not torch.equal(merged[n], base_sd[n])}
+        assert delta and all(".lora" not in n and n.startswith("encoder.") for n in delta)
+        ours, _ = bench.merged_task_vector(bench._single_model_config(Path(report["base_model"]), Path(folder), cfg))
+        for n, d in delta.items():
+            torch.testing.assert_close(ours[n], d, atol=1e-6, rtol=1e-5)
+        deltas.append(delta)
+    ta_cfg = bench._row_config(bench.lora_rows(4, 2)[2], Path(report["base_model"]), [Path(p) for p in report["finetuned_models"].values()], cfg)
+    ta, _ = bench.merged_task_vector(ta_cfg)
+    for n in deltas[0].keys() | deltas[1].keys():
+        expected = sum(d.get(n, torch.zeros_like(base_sd[n])) for d in deltas)
+        torch.testing.assert_close(ta[n], expected, atol=1e-6, rtol=1e-5)
+
+    # A second run reuses the cached adapters.
+    run_bench(replace(cfg, methods=("zeroshot", "finetuned")), log=lambda m: None, tasks=tasks)
+    assert len(ft.TRAINED) == before + 2

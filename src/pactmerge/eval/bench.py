@@ -29,8 +29,10 @@ from pactmerge.eval.alpha import AlphaChoice
 from pactmerge.eval.evaluate import Evaluator, evaluate_merge, mean, normalized
 from pactmerge.eval.finetune import (
     FinetuneConfig,
+    LoraFinetuneConfig,
     default_cache_dir,
     get_finetuned,
+    get_lora_finetuned,
     load_model,
     load_tokenizer,
     prepare_base,
@@ -81,6 +83,31 @@ def default_rows(K: int = 15, k: int = 8) -> list[Row]:
     return rows
 
 
+def lora_rows(K: int = 7, k: int = 4, dare_p: float = 0.5) -> list[Row]:
+    """The LoRA benchmark's rows (the PACT paper's Table 5): PACT with (K, k) = (7, 4) under both
+    ways of taking an adapter's active subspace (exact top-k of B_tA_t, or the SVD of A_t)."""
+
+    def pact(**extra):
+        return (("pact", {"K": K, "k": k, **extra}),)
+
+    arows = {"lora_subspace": "a_rows"}
+    return [
+        Row("zeroshot", "zero-shot"),
+        Row("finetuned", "LoRA fine-tuned (each task its own adapter)"),
+        Row("ta", "Task Arithmetic", ("task_arithmetic",)),
+        Row("ties", "TIES", ("ties",)),
+        Row("dare-ties", "DARE-TIES", ("ties",), filters=(("dare", {"p": dare_p}),)),
+        Row("knots-ties", "KnOTS-TIES", ("knots",), {"base_method": "ties"}),
+        Row("knots-dare-ties", "KnOTS-DARE-TIES", ("knots",), {"base_method": "ties", "dare_p": dare_p}),
+        Row("isoc", "Iso-C", ("iso_c",)),
+        Row("isocts", "Iso-CTS", ("iso_cts",)),
+        Row("pact-ta", "PACT-TA (exact V_t)", ("task_arithmetic",), filters=pact()),
+        Row("pact-ta-arows", "PACT-TA (A-row V_t)", ("task_arithmetic",), filters=pact(**arows)),
+        Row("pact-isoc", "PACT-Iso-C (exact V_t)", ("iso_c",), filters=pact()),
+        Row("pact-isoc-arows", "PACT-Iso-C (A-row V_t)", ("iso_c",), filters=pact(**arows)),
+    ]
+
+
 QUICK_ROWS = ("zeroshot", "finetuned", "ta", "isoc", "pact-ta", "pact-isoc")
 
 
@@ -100,27 +127,8 @@ class BenchConfig:
     threads: int | None = 2
     progress: bool = True
     chart: bool = True
+    lora: LoraFinetuneConfig | None = None  # set: the LoRA benchmark (PEFT adapters, lora_rows)
 
-
-DEMO_ROWS = ("zeroshot", "finetuned", "ta", "isoc", "pact-ta", "pact-isoc")
-
-
-def demo_config(**overrides) -> BenchConfig:
-    """``make demo``: the reference fine-tunes (shared with the full bench's cache), the full test
-    splits, alpha chosen on 5 validation items per class, and the rows that show PACT's effect on
-    TA and Iso-C -- a table in minutes on two CPU cores instead of the full bench's half hour."""
-    cfg = BenchConfig(methods=DEMO_ROWS, per_class={"validation": 5})
-    return replace(cfg, **overrides)
-
-
-def quick_config(**overrides) -> BenchConfig:
-    """A smoke run: few steps, few items, the headline rows."""
-    cfg = BenchConfig(
-        methods=QUICK_ROWS,
-        finetune=FinetuneConfig(steps=30),
-        per_class={"train": 40, "validation": 5, "test": 10},
-    )
-    return replace(cfg, **overrides)
 
 
 # -- running ---------------------------------------------------------------------------------------
@@ -156,6 +164,10 @@ def _row_config(row: Row, base: Path, models: list[Path], cfg: BenchConfig) -> d
         "exclude": FROZEN,
         "dtype": cfg.dtype,
     }
+
+
+def _single_model_config(base: Path, model: Path, cfg: BenchConfig) -> dict:
+    return {"base_model": str(base), "models": [str(model)], "method": "task_arithmetic", "exclude": FROZEN, "dtype": cfg.dtype}
 
 
 def merged_task_vector(merge_cfg: dict, progress: bool = False) -> tuple[dict[str, torch.Tensor], float]:
@@ -198,7 +210,7 @@ def run_bench(cfg: BenchConfig, log=print, tasks: dict[str, Task] | None = None)
     tasks = dict(tasks) if tasks is not None else load_tasks(cfg.tasks)
     if cfg.per_class:
         tasks = {n: t.subsample(cfg.per_class) for n, t in tasks.items()}
-    all_rows = default_rows(cfg.K, cfg.k)
+    all_rows = lora_rows(cfg.K, cfg.k) if cfg.lora else default_rows(cfg.K, cfg.k)
     if cfg.methods is not None:
         known = {r.key for r in all_rows}
         unknown = [m for m in cfg.methods if m not in known]
@@ -218,10 +230,17 @@ def run_bench(cfg: BenchConfig, log=print, tasks: dict[str, Task] | None = None)
     t0 = time.perf_counter()
     ft_paths = {}
     for name, task in tqdm(tasks.items(), desc="fine-tuned models", unit="task", disable=not cfg.progress, file=sys.stderr):
-        ft_paths[name] = get_finetuned(task, heads[name], base, cfg.finetune, cache, tokenizer, cfg.progress)
+        if cfg.lora:
+            ft_paths[name] = get_lora_finetuned(task, heads[name], base, cfg.lora, cache, tokenizer, cfg.progress)
+        else:
+            ft_paths[name] = get_finetuned(task, heads[name], base, cfg.finetune, cache, tokenizer, cfg.progress)
     finetune_seconds = time.perf_counter() - t0
-    ft_states = {n: _state_dict(p) for n, p in ft_paths.items()}
-    _check_frozen(evaluator, ft_states)
+    if cfg.lora:
+        # An adapter's own model is theta_0 + s B A, read by the same code the merges use.
+        ft_deltas = {n: merged_task_vector(_single_model_config(base.path, p, cfg))[0] for n, p in ft_paths.items()}
+    else:
+        ft_states = {n: _state_dict(p) for n, p in ft_paths.items()}
+        _check_frozen(evaluator, ft_states)
 
     results: list[dict] = []
 
@@ -263,10 +282,13 @@ def run_bench(cfg: BenchConfig, log=print, tasks: dict[str, Task] | None = None)
     zs_test = evaluator.accuracy("test")
     ft_test, ft_val = {}, {}
     for name in tasks:
-        evaluator.set_weights(ft_states[name])
+        if cfg.lora:
+            evaluator.set_merged(ft_deltas[name], 1.0)
+        else:
+            evaluator.set_weights(ft_states[name])
         ft_test[name] = evaluator.accuracy("test", [name])[name]
         ft_val[name] = evaluator.accuracy("validation", [name])[name]
-    del ft_states
+    ft_deltas = ft_states = None  # free the fine-tuned weights before the merges
     for row in rows:
         if row.key == "zeroshot":
             record(row, zs_test)
@@ -369,7 +391,8 @@ def bar_chart(report: dict, path: Path) -> None:
         ax.invert_yaxis()
         ax.set_xlim(0, max(vals) * 1.12)
     axes[0].set_yticks(list(y), labels, fontsize=8)
-    fig.suptitle(f"pactmerge bench: MiniLM-L6, {len(report['tasks'])} tasks, test split (grey: references, orange: PACT / S-PACT)")
+    kind = " LoRA r{}".format(report["config"]["lora"]["rank"]) if report["config"].get("lora") else ""
+    fig.suptitle(f"pactmerge bench: MiniLM-L6{kind}, {len(report['tasks'])} tasks, test split (grey: references, orange: PACT / S-PACT)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -388,20 +411,28 @@ def bench_command(
     steps: int | None = None,
     seed: int = 0,
     cache_dir: Path | None = None,
-    out: Path = Path("bench_out"),
+    out: Path | None = None,
     quick: bool = False,
     preset: str | None = None,
-    pact_rank: str = "15,8",
+    pact_rank: str | None = None,
     alpha_max: float = 20.0,
     progress: bool = True,
+    lora: bool = False,
 ) -> dict:
-    """Run the benchmark, print the markdown table, write results.{json,md,png} to ``out``."""
-    K, k = (int(x) for x in pact_rank.split(","))
+    """Run the benchmark, print the markdown table, write results.{json,md,png} to ``out``
+    (default ``bench_out``, ``bench_out_lora`` with ``lora``)."""
     preset = preset or ("quick" if quick else "full")
     presets = {"full": BenchConfig, "quick": quick_config, "demo": demo_config}
     if preset not in presets:
         raise ValueError(f"unknown preset {preset!r}; known: {', '.join(presets)}")
     cfg = presets[preset]()
+    if lora:
+        cfg = replace(cfg, lora=LoraFinetuneConfig(steps=cfg.finetune.steps), K=7, k=4)  # the preset's length
+    K, k = (int(x) for x in pact_rank.split(",")) if pact_rank else (cfg.K, cfg.k)
+    out = Path(out) if out is not None else Path("bench_out_lora" if lora else "bench_out")
+    if cfg.lora:
+        tuned = replace(cfg.lora, seed=seed, **({"steps": steps} if steps is not None else {}))
+        cfg = replace(cfg, lora=tuned)
     ft = replace(cfg.finetune, seed=seed, **({"steps": steps} if steps is not None else {}))
     cfg = replace(cfg, finetune=ft, K=K, k=k, cache_dir=cache_dir, out_dir=out, alpha_max=alpha_max, progress=progress)
     if tasks:

@@ -140,28 +140,25 @@ def finetune_key(task: Task, base: BaseModelRef, cfg: FinetuneConfig) -> str:
     return _digest({"task": task.fingerprint(("train",)), "base": base.key, "cfg": asdict(cfg), "code": CODE_VERSION})
 
 
-def train(base: BaseModelRef, task: Task, head: torch.Tensor, cfg: FinetuneConfig, tokenizer=None, progress: bool = True):
-    """Fine-tune the encoder on the task's train split against its frozen head; returns the model."""
-    tokenizer = tokenizer or load_tokenizer(base.path)
-    texts, ys = task.splits["train"]
-    tok: Tokenized = tokenize(tokenizer, texts, ys, cfg.max_tokens)
+def _task_seed(cfg_seed: int, task: Task) -> int:
     # Seeded per (seed, task): the same run gives the same weights whatever else is trained.
-    seed = int(_digest([cfg.seed, task.name]), 16) % (2**31)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model = load_model(base.path)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith(TRAINABLE_PREFIX))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return int(_digest([cfg_seed, task.name]), 16) % (2**31)
+
+
+def _fit(model, params, task: Task, head: torch.Tensor, tokenizer, *, steps: int, lr: float, batch_size: int,
+         max_tokens: int, weight_decay: float, gen: torch.Generator, progress: bool, desc: str) -> None:
+    """AdamW on ``params``: cross-entropy of the frozen head's logits on shuffled train batches."""
+    texts, ys = task.splits["train"]
+    tok: Tokenized = tokenize(tokenizer, texts, ys, max_tokens)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     model.train()
     pad = tokenizer.pad_token_id or 0
     order: list[int] = []
-    bar = tqdm(range(cfg.steps), desc=f"fine-tune {task.name}", unit="step", disable=not progress, file=sys.stderr, leave=False)
+    bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress, file=sys.stderr, leave=False)
     for _ in bar:
-        if len(order) < cfg.batch_size:  # a fresh shuffled epoch
+        if len(order) < batch_size:  # a fresh shuffled epoch
             order += torch.randperm(len(tok), generator=gen).tolist()
-        index, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        index, order = order[:batch_size], order[batch_size:]
         ids, mask = tok.batch(index, pad)
         loss = torch.nn.functional.cross_entropy(logits(embed(model, ids, mask), head), tok.labels[index])
         opt.zero_grad(set_to_none=True)
@@ -170,6 +167,20 @@ def train(base: BaseModelRef, task: Task, head: torch.Tensor, cfg: FinetuneConfi
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     model.eval()
+
+
+def train(base: BaseModelRef, task: Task, head: torch.Tensor, cfg: FinetuneConfig, tokenizer=None, progress: bool = True):
+    """Fine-tune the encoder on the task's train split against its frozen head; returns the model."""
+    tokenizer = tokenizer or load_tokenizer(base.path)
+    seed = _task_seed(cfg.seed, task)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = load_model(base.path)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(TRAINABLE_PREFIX))
+    params = [p for p in model.parameters() if p.requires_grad]
+    _fit(model, params, task, head, tokenizer, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens,
+         weight_decay=cfg.weight_decay, gen=gen, progress=progress, desc=f"fine-tune {task.name}")
     TRAINED.append(task.name)
     return model
 
@@ -197,6 +208,78 @@ def get_finetuned(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         meta = {"task": task.name, "key": key, "base": str(base.path), "config": asdict(cfg), "code": CODE_VERSION, "train_seconds": round(time.perf_counter() - t0, 2)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+
+    return _save_atomic(dest, write)
+
+
+# -- LoRA fine-tunes (the LoRA benchmark) ------------------------------------------------------------
+
+# Every linear layer of the encoder (BERT names); the pooler and embeddings are left alone.
+LORA_TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+
+
+@dataclass(frozen=True)
+class LoraFinetuneConfig:
+    """A rank-``rank`` PEFT LoRA on every encoder linear layer (the PACT paper's Sec. 5.2 uses 16)."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    steps: int = 120
+    lr: float = 1e-3
+    batch_size: int = 32
+    max_tokens: int = MAX_TOKENS
+    weight_decay: float = 0.0
+    seed: int = 0
+    targets: str = LORA_TARGETS
+
+
+def lora_key(task: Task, base: BaseModelRef, cfg: LoraFinetuneConfig) -> str:
+    return _digest({"task": task.fingerprint(("train",)), "base": base.key, "lora": asdict(cfg), "code": CODE_VERSION})
+
+
+def train_lora(base: BaseModelRef, task: Task, head: torch.Tensor, cfg: LoraFinetuneConfig, tokenizer=None, progress: bool = True):
+    """A PEFT LoRA adapter fine-tuned like :func:`train` (same data order); returns the PeftModel."""
+    try:
+        import peft
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise RuntimeError("the LoRA benchmark needs `pip install peft` (or `.[lora]`)") from e
+    tokenizer = tokenizer or load_tokenizer(base.path)
+    seed = _task_seed(cfg.seed, task)
+    torch.manual_seed(seed)  # also seeds PEFT's lora_A initialization
+    gen = torch.Generator().manual_seed(seed)
+    lora = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=cfg.targets, lora_dropout=0.0, bias="none")
+    model = peft.get_peft_model(load_model(base.path), lora)
+    params = [p for p in model.parameters() if p.requires_grad]
+    _fit(model, params, task, head, tokenizer, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens,
+         weight_decay=cfg.weight_decay, gen=gen, progress=progress, desc=f"LoRA fine-tune {task.name}")
+    TRAINED.append(task.name)
+    return model
+
+
+def get_lora_finetuned(
+    task: Task,
+    head: torch.Tensor,
+    base: BaseModelRef,
+    cfg: LoraFinetuneConfig,
+    cache_dir: str | Path | None = None,
+    tokenizer=None,
+    progress: bool = True,
+) -> Path:
+    """The PEFT adapter folder of ``task``'s LoRA fine-tune (``<cache>/lora/<task>-<key>/``),
+    training it only when no cached copy exists. The folder is an ordinary ``models:`` entry."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = lora_key(task, base, cfg)
+    dest = cache_dir / "lora" / f"{task.name}-{key}"
+    if (dest / "meta.json").exists():
+        return dest
+    tokenizer = tokenizer or load_tokenizer(base.path)
+
+    def write(tmp: Path) -> None:
+        t0 = time.perf_counter()
+        model = train_lora(base, task, head, cfg, tokenizer, progress)
+        model.save_pretrained(tmp)
+        meta = {"task": task.name, "key": key, "base": str(base.path), "lora": asdict(cfg), "code": CODE_VERSION, "train_seconds": round(time.perf_counter() - t0, 2)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
     return _save_atomic(dest, write)
