@@ -16,12 +16,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from pactmerge.config import MergeConfig
 from pactmerge.engine import MergeInputs, _read_deltas
 from pactmerge.errors import PactMergeError
-from pactmerge.filters.pact import PactParams, pact_subspaces
+from pactmerge.filters.pact import PactParams, PactSubspaces, pact_subspaces
 from pactmerge.plan import make_context
 from pactmerge.registry import ParamInfo, Spec
 
@@ -90,6 +91,27 @@ def select(inputs: MergeInputs, setup: AnalysisSetup, layers: str | None) -> tup
     return chosen, skipped
 
 
+def iter_subspaces(
+    inputs: MergeInputs,
+    setup: AnalysisSetup,
+    params: list[ParamInfo],
+    device: torch.device,
+    progress: bool = False,
+    desc: str = "analyzing",
+) -> Iterator[tuple[ParamInfo, Tensor, list[Tensor], PactSubspaces]]:
+    """Yield ``(info, theta_0, deltas, subspaces)`` for each of ``params``: the task vectors after
+    the config's pre-filters and :func:`pact_subspaces` exactly as the merge's pact filter builds
+    them (same context, seeds, dtype). One parameter is held at a time."""
+    cfg, p = inputs.cfg, setup.pact
+    for info in tqdm(params, desc=desc, unit="param", disable=not progress, file=sys.stderr):
+        ctx = make_context(cfg, info)
+        base, deltas = _read_deltas(inputs, info, device)
+        for spec, fparams in setup.pre_filters:
+            deltas = spec.fn(base, deltas, ctx, fparams)
+        yield info, base, deltas, pact_subspaces(base, deltas, p, ctx)
+        del base, deltas
+
+
 def iter_param_metrics(
     inputs: MergeInputs,
     setup: AnalysisSetup,
@@ -98,15 +120,8 @@ def iter_param_metrics(
     progress: bool = False,
 ) -> Iterator[tuple[ParamInfo, ParamMetrics]]:
     """Yield ``(info, metrics)`` for each of ``params``, reading and releasing one parameter at a time."""
-    cfg, p = inputs.cfg, setup.pact
     T = len(inputs.models)
-    for info in tqdm(params, desc="analyzing", unit="param", disable=not progress, file=sys.stderr):
-        ctx = make_context(cfg, info)
-        base, deltas = _read_deltas(inputs, info, device)
-        for spec, fparams in setup.pre_filters:
-            deltas = spec.fn(base, deltas, ctx, fparams)
-        sub = pact_subspaces(base, deltas, p, ctx)
+    for info, _, deltas, sub in iter_subspaces(inputs, setup, params, device, progress):
         # Mirrors the guard of the pact filter: where it returns the task vectors untouched.
-        applied = info.in_depth(p.depth) and T >= 2
+        applied = info.in_depth(setup.pact.depth) and T >= 2
         yield info, param_metrics(deltas, sub, pact_applied=applied)
-        del base, deltas, sub

@@ -130,6 +130,26 @@ class BenchConfig:
     lora: LoraFinetuneConfig | None = None  # set: the LoRA benchmark (PEFT adapters, lora_rows)
 
 
+DEMO_ROWS = ("zeroshot", "finetuned", "ta", "isoc", "pact-ta", "pact-isoc")
+
+
+def demo_config(**overrides) -> BenchConfig:
+    """``make demo``: the reference fine-tunes (shared with the full bench's cache), the full test
+    splits, alpha chosen on 5 validation items per class, and the rows that show PACT's effect on
+    TA and Iso-C -- a table in minutes on two CPU cores instead of the full bench's half hour."""
+    cfg = BenchConfig(methods=DEMO_ROWS, per_class={"validation": 5})
+    return replace(cfg, **overrides)
+
+
+def quick_config(**overrides) -> BenchConfig:
+    """A smoke run: few steps, few items, the headline rows."""
+    cfg = BenchConfig(
+        methods=QUICK_ROWS,
+        finetune=FinetuneConfig(steps=30),
+        per_class={"train": 40, "validation": 5, "test": 10},
+    )
+    return replace(cfg, **overrides)
+
 
 # -- running ---------------------------------------------------------------------------------------
 
