@@ -68,6 +68,7 @@ def analyze(
     device: str = "cpu",
     progress: bool = False,
     overwrite: bool = False,
+    task_names: list[str] | None = None,
 ) -> dict:
     """Compute PACT's load-bearing-wall diagnostics for every 2-D parameter of a merge config.
 
@@ -81,6 +82,7 @@ def analyze(
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         progress: show a progress bar over parameters.
         overwrite: replace an existing ``out_dir``.
+        task_names: labels of the config's models, in order (default: their folder names).
 
     Returns:
         ``{"parameters": {name: {...}}, "summary": {...}, "tasks": [...], "config": {...}}``
@@ -100,7 +102,9 @@ def analyze(
     inputs = open_inputs(cfg)
     try:
         chosen, skipped = select(inputs, setup, layers)
-        tasks = task_labels([m.model for m in cfg.models])
+        tasks = list(task_names) if task_names is not None else task_labels([m.model for m in cfg.models])
+        if len(tasks) != len(cfg.models):
+            raise PactMergeError(f"analyze: {len(tasks)} task names for {len(cfg.models)} models")
         params = {info.name: param_entry(info, m) for info, m in iter_param_metrics(inputs, setup, chosen, dev, progress)}
         config_block = {
             "base_model": _ref(cfg.base_model),
