@@ -184,3 +184,82 @@ def _finish_task_grid(fig, axes, used: int, path, title: str):
     fig.suptitle(title)
     fig.savefig(path)
     return path
+
+
+# -- data-aware studies (pactmerge.analysis.studies) ---------------------------------------------------
+
+
+def plot_ablation(ablation: dict, path: Path) -> Path:
+    """Bars per task: accuracy of theta_t, LBW-ablated, random-ablated (std over seeds) (paper Table 3)."""
+    rows = ablation["tasks"]
+    tasks = list(rows)
+    x = np.arange(len(tasks))
+    fig = _figure(max(6.0, 1.1 * len(tasks) + 2.5), 4.2)
+    ax = fig.subplots()
+    width = 0.27
+    series = [
+        ("fine-tuned $\\theta_t$", [rows[t]["finetuned"] for t in tasks], None, "#999999"),
+        ("LBW ablated", [rows[t]["lbw"] for t in tasks], None, "#d95f02"),
+        (f"random ablated ({len(ablation['seeds'])} seeds)", [rows[t]["random_mean"] for t in tasks],
+         [rows[t]["random_std"] or 0.0 for t in tasks], "#1b9e77"),
+    ]
+    for i, (label, vals, err, color) in enumerate(series):
+        v = 100 * _arr(vals)
+        ax.bar(x + (i - 1) * width, v, width, label=label, color=color,
+               yerr=None if err is None else 100 * _arr(err), capsize=3)
+        for xi, vi in zip(x + (i - 1) * width, v):
+            ax.text(xi, vi, f"{vi:.0f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, tasks, rotation=20, ha="right")
+    ax.set_ylabel(f"accuracy (%), {ablation['split']} split")
+    ax.set_ylim(0, 108)
+    ax.grid(axis="y", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8)
+    p = ablation["pact"]
+    fig.suptitle(f"Subspace ablation: remove $V_{{t,LBW}}$ (K = {p['K']}, k = {p['k']})\n"
+                 "vs a random subspace of the same dimension outside $V_{0,K}$", fontsize=10)
+    fig.savefig(path)
+    return path
+
+
+def plot_fisher_attack(pairs: list[dict], path: Path) -> Path:
+    """Accuracy on task A against attack strength alpha for M2-M4, with M0/M1 as lines (paper Fig. 2)."""
+    ncol = min(3, len(pairs))
+    nrow = math.ceil(len(pairs) / ncol)
+    fig = _figure(4.6 * ncol + 0.4, 3.6 * nrow + 0.4)
+    axes = fig.subplots(nrow, ncol, squeeze=False)
+    colors = {"M2": "#d62728", "M3": "#1f77b4", "M4": "#2ca02c"}
+    labels = {"M2": "M2 crucial", "M3": "M3 safe", "M4": "M4 random"}
+    for ax, fr in zip(axes.flat, pairs):
+        al = _arr([r["alpha"] for r in fr["attack"]])
+        for m in ("M2", "M3", "M4"):
+            v = 100 * _arr([r[m] for r in fr["attack"]])
+            ax.plot(al, v, marker="o", ms=4, color=colors[m], label=labels[m])
+            if m == "M4" and any(r["M4_std"] is not None for r in fr["attack"]):
+                s = 100 * _arr([r["M4_std"] or 0.0 for r in fr["attack"]])
+                ax.fill_between(al, v - s, v + s, color=colors[m], alpha=0.15, lw=0)
+        ax.axhline(100 * fr["M0"], color="black", ls="--", lw=1, label="M0 $\\theta_A$")
+        ax.axhline(100 * fr["M1"], color="grey", ls=":", lw=1.5, label="M1 crucial ← $\\theta_0$")
+        ax.set_xticks(al, [f"{a:g}" for a in al])
+        ax.set_xlabel("attack strength α")
+        ax.set_ylabel(f"accuracy on A (%), {fr['split']}")
+        ax.set_ylim(0, 105)
+        ax.set_title(f"A = {fr['task_a']}, B = {fr['task_b']}", fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(pairs):]:
+        ax.set_visible(False)
+    handles, lab = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, lab, loc="outside right center", fontsize=8)
+    fig.suptitle("Fisher masks: entries set to $\\theta_0 + \\alpha\\Delta_B$ inside $\\theta_A$")
+    fig.savefig(path)
+    return path
+
+
+def write_study_plots(studies: dict, folder: Path) -> list[str]:
+    """ablation.png and fisher_attack.png for the studies present; returns the file names."""
+    out = []
+    if "ablation" in studies:
+        out.append(plot_ablation(studies["ablation"], Path(folder) / "ablation.png").name)
+    if studies.get("fisher"):
+        out.append(plot_fisher_attack(studies["fisher"], Path(folder) / "fisher_attack.png").name)
+    return out

@@ -7,6 +7,12 @@ Files (see docs/analysis.md):
     layer_component.csv     one row per (layer, component, task): means over the matrices
     *.png                   :mod:`pactmerge.analysis.plots`
     report.md               tables and figures, one line of reading each
+
+With the data-aware studies (``result["studies"]``, :mod:`pactmerge.analysis.studies`) also:
+    ablation.json / .csv    subspace ablation (Sec. 3.2.2), one CSV row per task
+    fisher.json / .csv      Fisher crucial masks (Sec. 3.2.1), one CSV row per (pair, condition, alpha, task)
+    ablation.png, fisher_attack.png
+and their sections at the end of report.md.
 """
 
 from __future__ import annotations
@@ -159,13 +165,156 @@ def render_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(result: dict, out_dir: Path, overwrite: bool = False) -> Path:
-    """Write every output file into ``out_dir`` atomically (nothing is left behind on failure)."""
-    from pactmerge.analysis.plots import write_plots
+def _pct(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * x:.1f}"
 
+
+def _pm(mean, std) -> str:
+    return _pct(mean) + ("" if std is None else f" ± {100 * std:.1f}")
+
+
+def write_study_csvs(studies: dict, folder: Path) -> list[str]:
+    written = []
+    if "ablation" in studies:
+        ab = studies["ablation"]
+        with open(folder / "ablation.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["task", "finetuned", "lbw_ablated", "random_mean", "random_std", "drop_lbw", "drop_random", "ratio",
+                        "lbw_dims", "lbw_fraction", "energy_removed_lbw", "energy_removed_random", "update_in_lbw", "random_per_seed"])
+            for task, r in ab["tasks"].items():
+                w.writerow([task, r["finetuned"], r["lbw"], r["random_mean"], _num(r["random_std"]), r["drop_lbw"], r["drop_random"],
+                            _num(r["ratio"]), r["lbw_dims"], r["lbw_fraction"], r["energy_removed_lbw"], r["energy_removed_random"],
+                            _num(r["update_in_lbw"]), " ".join(f"{x:.6g}" for x in r["random"])])
+        written.append("ablation.csv")
+    if studies.get("fisher"):
+        with open(folder / "fisher.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["task_a", "task_b", "condition", "alpha", "eval_task", "accuracy", "std"])
+            for fr in studies["fisher"]:
+                a, b = fr["task_a"], fr["task_b"]
+                w.writerow([a, b, "M0", "", a, fr["M0"], ""])
+                w.writerow([a, b, "M1", "", a, fr["M1"], ""])
+                for r in fr["attack"]:
+                    for m in ("M2", "M3", "M4"):
+                        w.writerow([a, b, m, r["alpha"], a, r[m], _num(r["M4_std"]) if m == "M4" else ""])
+                for cond, accs in fr["restoration"].items():
+                    if cond.endswith("_seeds") or accs is None:
+                        continue
+                    for t in (a, b):
+                        w.writerow([a, b, f"restore:{cond}", "", t, accs[t], ""])
+        written.append("fisher.csv")
+    return written
+
+
+def render_studies(studies: dict) -> str:
+    """The report.md sections of the data-aware studies (one line of reading each)."""
+    lines = []
+    if "ablation" in studies:
+        ab = studies["ablation"]
+        p, m = ab["pact"], ab["mean"]
+        lines += [
+            "## Subspace ablation (data-aware, paper Sec. 3.2.2, Table 3)",
+            "",
+            f"Accuracy (%) on the {ab['split']} split of each task's fine-tuned model θ_t, after removing its LBW subspace from"
+            f" every filtered weight (W ← W(I − V_{{t,LBW}}V_{{t,LBW}}ᵀ), K = {p['K']}, k = {p['k']}, svd = {p['svd']},"
+            f" depth = {p['depth']}; {ab['dims']['num_matrices']} matrices), and after removing a random subspace of the same"
+            f" dimension inside the complement of V_{{0,K}} (mean ± std over {len(ab['seeds'])} seeds). Drops in points;"
+            " ratio = drop_LBW / drop_random (n/a when the random drop is ≤ 0). Energy: share of ‖W‖²_F of the ablated"
+            " matrices that each ablation projects out.",
+            "",
+            *_table(["task", "θ_t", "LBW ablated", "drop LBW", "random", "drop random", "ratio", "dim LBW / dims", "energy LBW", "energy random"],
+                    [[t, _pct(r["finetuned"]), _pct(r["lbw"]), _pct(r["drop_lbw"]), _pm(r["random_mean"], r["random_std"]),
+                      _pct(r["drop_random"]), "n/a" if r["ratio"] is None else f"{r['ratio']:.1f}×",
+                      f"{r['lbw_dims']} / {ab['dims']['input_dims']} ({100 * r['lbw_fraction']:.2f}%)",
+                      _f(r["energy_removed_lbw"], 4), _f(r["energy_removed_random"], 4)] for t, r in ab["tasks"].items()]
+                    + [["**mean**", _pct(m["finetuned"]), _pct(m["lbw"]), _pct(m["drop_lbw"]), _pct(m["random_mean"]),
+                        _pct(m["drop_random"]), "n/a" if m["ratio"] is None else f"{m['ratio']:.1f}×",
+                        f"({100 * m['lbw_fraction']:.2f}%)", _f(m["energy_removed_lbw"], 4), _f(m["energy_removed_random"], 4)]]),
+            "Reading: a large LBW drop next to a small random drop means the task relies on pretrained directions its own"
+            " update left untouched (the LBW subspace); the energy columns show how much more of the weight the LBW"
+            " directions carry than random ones — they are the base's top singular directions, so part of the gap is scale.",
+            "",
+            "![Subspace ablation](ablation.png)",
+            "",
+            "Bars: accuracy of θ_t, LBW-ablated and random-ablated (error bar: std over seeds) per task.",
+            "",
+        ]
+    for fr in studies.get("fisher") or []:
+        a, b, sz = fr["task_a"], fr["task_b"], fr["sizes"]
+        t1, en = fr["table1"], fr["enrichment"]
+        rest = fr["restoration"]
+        lines += [
+            f"## Fisher crucial mask: A = {a}, B = {b} (data-aware, paper Sec. 3.2.1)",
+            "",
+            f"Empirical Fisher of θ_A on {fr['samples']} train samples of {a}. Per layer: the {100 * fr['fractions']['small']:.0f}%"
+            f" smallest |Δ_A| entries, then the {100 * fr['fractions']['fisher']:.0f}% of those with the largest Fisher"
+            f" ({sz['candidate']} entries), then the entries whose |Δ_B| is significantly enriched (per-entry permutation"
+            f" p < {fr['fractions']['p_max']}): crucial mask = {sz['crucial']} entries = {100 * sz['crucial_fraction_of_layers']:.2f}%"
+            f" of the {sz['d']} entries of the {en['num_layers']} trainable matrices ({100 * sz['crucial_fraction_of_model']:.2f}% of"
+            f" all {sz['total_params']} parameters). Safe mask {sz['safe']} entries ({sz['safe_outside_pool']} from outside the"
+            f" low-Fisher 30%), random masks {sz['random']} entries each ({fr['seeds']} seeds). Mean E_B over layers:"
+            f" candidate {_f(en['E_B_candidate'], 2)}, crucial {_f(en['E_B_crucial'], 2)}, safe {_f(en['E_B_safe'], 2)},"
+            f" random {_f(en['E_B_random'], 2)}; {en['layers_candidate_significant']} of {en['num_layers']} layers have a"
+            " significantly enriched candidate set (z-test).",
+            "",
+            f"**Table 1** (accuracy % on {a}, {fr['split']} split, α = {t1['alpha']:g}): M0 = θ_A, M1 = crucial entries reset to θ_0,"
+            " M2/M3/M4 = crucial/safe/random entries set to θ_0 + αΔ_B.",
+            "",
+            *_table(["M0", "M1", "M2 (crucial)", "M3 (safe)", "M4 (random)"],
+                    [[_pct(t1["M0"]), _pct(t1["M1"]), _pct(t1["M2"]), _pct(t1["M3"]), _pm(t1["M4"], t1["M4_std"])]]),
+            "Accuracy against attack strength α:",
+            "",
+            *_table(["α", "M2 (crucial)", "M3 (safe)", "M4 (random)"],
+                    [[f"{r['alpha']:g}", _pct(r["M2"]), _pct(r["M3"]), _pm(r["M4"], r["M4_std"])] for r in fr["attack"]]),
+            "**Table 2** (restoration on the merge θ_0 + Δ_A + Δ_B; accuracy %; Δacc vs the merge):",
+            "",
+            *_table(["model", f"{a} (A)", "Δacc A", f"{b} (B)", "Δacc B"],
+                    [[label, _pct(rest[key][a]), "" if key == "merged" else f"{100 * (rest[key][a] - rest['merged'][a]):+.1f}",
+                      _pct(rest[key][b]), "" if key == "merged" else f"{100 * (rest[key][b] - rest['merged'][b]):+.1f}"]
+                     for key, label in (("merged", "θ_0 + Δ_A + Δ_B"), ("crucial_to_theta0", "crucial ← θ_0 (paper)"),
+                                        ("crucial_to_thetaA", "crucial ← θ_A"), ("random_to_theta0", "random ← θ_0 (mean)"),
+                                        ("random_to_thetaA", "random ← θ_A (mean)")) if rest.get(key) is not None]),
+            "Reading: M2 far below M3/M4 at the same α means the small-update, high-Fisher entries that B also moves are"
+            " load-bearing for A; M1 ≈ M0 confirms their value comes from θ_0. A restoration gain on A for the crucial mask"
+            " beyond the random mask's means merging with B overwrote them.",
+            "",
+        ]
+    if studies.get("fisher"):
+        lines += ["![Fisher attack curves](fisher_attack.png)", "",
+                  "Accuracy on task A against attack strength α for the crucial (M2), safe (M3) and random (M4) masks;"
+                  " dashed: M0 (θ_A) and M1 (crucial reset to θ_0) (paper Fig. 2).", ""]
+    if studies.get("notes"):
+        lines += ["Notes: " + "; ".join(studies["notes"]), ""]
+    if lines:
+        lines += ["Files: ablation.json/.csv, fisher.json/.csv (definitions and choices in docs/analysis.md).", ""]
+    return "\n".join(lines)
+
+
+def write_outputs(result: dict, out_dir: Path, overwrite: bool = False) -> Path:
+    """Write every output file into ``out_dir`` atomically (nothing is left behind on failure).
+
+    ``result["studies"]``, if present, adds the data-aware study files and report sections;
+    metrics.json holds the data-free metrics only.
+    """
+    from pactmerge.analysis.plots import write_plots, write_study_plots
+
+    studies = result.get("studies")
+    metrics = {k: v for k, v in result.items() if k != "studies"}
     with atomic_output_dir(Path(out_dir), overwrite) as tmp:
-        (tmp / "metrics.json").write_text(json.dumps(result, indent=1, allow_nan=False))
-        write_csvs(result, tmp)
-        write_plots(result, tmp)
-        (tmp / "report.md").write_text(render_report(result))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
+        write_csvs(metrics, tmp)
+        write_plots(metrics, tmp)
+        report = render_report(metrics)
+        if studies:
+            from pactmerge.analysis.api import json_clean
+
+            studies = json_clean(studies)
+            if "ablation" in studies:
+                (tmp / "ablation.json").write_text(json.dumps({"suite": studies["suite"], **studies["ablation"]}, indent=1, allow_nan=False))
+            if studies.get("fisher"):
+                (tmp / "fisher.json").write_text(json.dumps({"suite": studies["suite"], "pairs": studies["fisher"]}, indent=1, allow_nan=False))
+            write_study_csvs(studies, tmp)
+            write_study_plots(studies, tmp)
+            report += "\n" + render_studies(studies)
+        (tmp / "report.md").write_text(report)
     return Path(out_dir)
