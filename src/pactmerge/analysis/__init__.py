@@ -5,6 +5,10 @@
 Modules: ``metrics`` (per-matrix math), ``components`` (name -> component type), ``stream``
 (one parameter at a time, as the merge reads it), ``summary`` (aggregates), ``report`` (JSON,
 CSV, report.md), ``plots`` (PNG figures, matplotlib imported lazily), ``cli`` (``pactmerge analyze``).
+
+Data-aware studies (need task data and fine-tunes; ``pactmerge analyze --suite text6``):
+``studies`` (suites, ``subspace_ablation``, ``fisher_study``, ``analyze_suite``), ``ablation``
+(Sec. 3.2.2 math), ``fisher`` (Sec. 3.2.1 Fisher, masks, attack conditions).
 """
 
 __all__ = ["analyze"]
