@@ -6,7 +6,25 @@ import pytest
 
 from pactmerge.eval.alpha import search_alpha
 from pactmerge.eval.evaluate import evaluate_merge, normalized
-from pactmerge.eval.tasks import DEFAULT_TASKS, SPLITS, load_tasks, make_task
+from pactmerge.eval.tasks import DEFAULT_TASKS, SPECS, SPLITS, SUITES, load_tasks, make_task, suite_tasks
+
+# The six original tasks' fingerprints, from the extract before text12/text20 were added: cached
+# fine-tunes are keyed on them, so rebuilding the extract must leave them as they are.
+TEXT6_FINGERPRINTS = {
+    "wn_noun_sense": "61ce20604e35abacfcf66a113fee85f32e0852d2e5b156c8123df8152692efde",
+    "wn_verb_sense": "4397d78386aad46bf8881068fa0cdb731f7036f0588b38e43958417576fc527e",
+    "wn_domain": "44cae5086d306ec31c310e941c642836df5a8c1783e944ee0b36466fed2e0270",
+    "wn_pos": "a0a13da3ce23c89131e6038c94db7bb273645859cba7237674585af871186132",
+    "fortune_topic": "47c951e6f94ae113de3fe52db4773157c0840d6c7c04b28a4673ccee934f7621",
+    "fortune_lang": "92534d0b037f69353cecd5136b453afbe2019269bb7eaef22cf0459b667a2172",
+}
+# The documented minimum split sizes (train shrinks when a task's smallest class is small).
+MIN_SIZES = {"train": 450, "validation": 150, "test": 300}
+
+
+@pytest.fixture(scope="module")
+def all_tasks():
+    return load_tasks(suite_tasks("text20"))
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +51,57 @@ def test_splits_are_disjoint_balanced_and_sized(tasks):
         assert not set(texts["train"]) & set(texts["test"])
         assert not set(texts["validation"]) & set(texts["test"])
         assert len(texts["test"]) >= 300 and len(texts["validation"]) >= 150, t.name
+
+
+def test_original_six_tasks_are_unchanged(tasks):
+    assert {n: t.fingerprint() for n, t in tasks.items()} == TEXT6_FINGERPRINTS
+
+
+def test_suites_nest_and_load(all_tasks):
+    assert list(SUITES) == ["text6", "text12", "text20"]
+    assert suite_tasks("text6") == DEFAULT_TASKS
+    sizes = [len(suite_tasks(n)) for n in SUITES]
+    assert sizes == [6, 12, 20]
+    for small, big in (("text6", "text12"), ("text12", "text20")):
+        assert suite_tasks(big)[: len(suite_tasks(small))] == suite_tasks(small)  # a prefix: nested
+    assert set(suite_tasks("text20")) == set(SPECS) == set(all_tasks)
+    assert len(set(suite_tasks("text20"))) == 20
+
+
+def test_unknown_suite_names_the_known_ones():
+    with pytest.raises(ValueError, match="text6, text12, text20"):
+        suite_tasks("text99")
+
+
+def test_every_suite_task_is_balanced_disjoint_and_sized(all_tasks):
+    for t in all_tasks.values():
+        assert len(t.prompts) == t.num_classes >= 4 and len(set(t.prompts)) == t.num_classes, t.name
+        assert t.labels == sorted(t.labels), t.name
+        texts = {s: t.splits[s][0] for s in SPLITS}
+        for s in SPLITS:
+            assert len(set(texts[s])) == len(texts[s]), (t.name, s)
+            counts = Counter(t.splits[s][1])
+            assert set(counts) == set(range(t.num_classes)), (t.name, s)
+            assert len(set(counts.values())) == 1, (t.name, s, counts)
+            assert len(texts[s]) >= MIN_SIZES[s], (t.name, s, len(texts[s]))
+            assert all(x.strip() and len(x) <= 400 for x in texts[s]), (t.name, s)
+        for a, b in (("train", "validation"), ("train", "test"), ("validation", "test")):
+            assert not set(texts[a]) & set(texts[b]), (t.name, a, b)
+
+
+def test_leaky_formulas_are_removed(all_tasks):
+    def texts(name):
+        return [x for s in SPLITS for x in all_tasks[name].splits[s][0]]
+
+    assert not any(" -- " in x for n in ("fortune_de_topic", "fortune_es_topic") for x in texts(n))  # attributions
+    assert not any(x.endswith("Linus Torvalds") for x in texts("fortune_topic2"))
+    assert not any(x.startswith(("Wie man sein Kind", "Letzte Worte")) for x in texts("fortune_de_topic"))
+    for name in ("wn_noun_sense2", "wn_person", "wn_artifact", "wn_communication", "wn_plant", "wn_verb_frame", "gcide_domain", "gcide_domain2"):
+        assert not any(x.startswith("(") for x in texts(name)), name
+    for name in ("foldoc_topic", "deb_section"):  # templated families are capped at 3 per label
+        t = all_tasks[name]
+        family = Counter((" ".join(x.lower().split()[:3]), y) for s in SPLITS for x, y in zip(*t.splits[s]))
+        assert max(family.values()) <= 3, name
 
 
 def test_domain_glosses_do_not_name_their_label(tasks):

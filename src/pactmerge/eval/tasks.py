@@ -1,24 +1,44 @@
 """The built-in classification tasks: texts, labels and the label prompts of the zero-shot heads.
 
 The data ship with the package (``eval/data/tasks.jsonl.gz``, built by
-``scripts/build_task_data.py`` from Debian's ``wordnet-base`` and ``fortunes*`` packages). Every
-task has class-balanced, seeded, disjoint train/validation/test splits.
+``scripts/build_task_data.py`` from Debian packages: ``wordnet-base``, ``fortunes*``,
+``dict-foldoc``, ``dict-gcide``, ``bible-kjv`` and the apt Packages index). Every task has
+class-balanced, seeded, disjoint train/validation/test splits (at least 150 validation and 300
+test items). Three nested suites: ``text6`` (the default), ``text12``, ``text20``.
 
-=============  ========================================================================  =======
-task           source and labelling rule                                                 classes
-=============  ========================================================================  =======
-wn_noun_sense  WordNet 3.0 noun gloss -> its supersense (lexicographer file), the 12          12
-               largest noun supersenses
-wn_verb_sense  WordNet verb gloss -> its supersense, all 15 verb supersenses                   15
-wn_domain      WordNet gloss (any part of speech) -> its topic domain (";c" pointer), the      10
-               10 most frequent; a leading parenthetical "(law) " is stripped (label leak)
-wn_pos         WordNet gloss -> noun / verb / adjective / adverb                                4
-fortune_topic  English fortune cookie -> its topic file (art, computers, ..., work)           10
-fortune_lang   fortune -> the language of its collection (en de es it pt pl cs eo)              8
-=============  ========================================================================  =======
+================  ====================================================================  =======
+task              source and labelling rule                                             classes
+================  ====================================================================  =======
+**text6**
+wn_noun_sense     WordNet 3.0 noun gloss -> its supersense (lexicographer file), the 12      12
+                  largest noun supersenses
+wn_verb_sense     WordNet verb gloss -> its supersense, all 15 verb supersenses              15
+wn_domain         WordNet gloss (any part of speech) -> its topic domain (";c" pointer),     10
+                  the 10 most frequent; a leading "(law) " is stripped (label leak)
+wn_pos            WordNet gloss -> noun / verb / adjective / adverb                           4
+fortune_topic     English fortune cookie -> its topic file (art, computers, ..., work)       10
+fortune_lang      fortune -> the language of its collection (en de es it pt pl cs eo)         8
+**text12**
+wn_noun_sense2    WordNet noun gloss -> supersense, the other 12 (body ... time)             12
+foldoc_topic      FOLDOC computing-dictionary definition -> its single <topic> tag           10
+gcide_domain      Webster 1913 (GCIDE) sense -> its subject label (zoology, law, ...)         10
+deb_section       Debian package short description -> archive section (admin ... video)      12
+bible_section     King James verse -> group of its book (law, history, ..., revelation)       8
+fortune_topic2    English fortune -> ten more topic files (definitions ... wisdom)           10
+**text20**
+fortune_de_topic  German fortune -> its topic file (computer, fussball, ...)                 10
+fortune_es_topic  Spanish fortune -> its topic file (arte, ciencia, ...)                     10
+wn_person         WordNet person gloss -> category by hypernyms (worker, leader, ...)         10
+wn_artifact       WordNet artifact gloss -> category by hypernyms (device, clothing, ...)     10
+wn_communication  WordNet communication gloss -> category by hypernyms (message, ...)          7
+wn_plant          WordNet plant gloss -> growth form by hypernyms (tree, shrub, herb, ...)     8
+wn_verb_frame     WordNet verb gloss -> its only sentence frame ("Somebody ----s something")   6
+gcide_domain2     Webster 1913 sense -> ten further subject labels (physics, heraldry, ...)   10
+================  ====================================================================  =======
 
 WordNet texts are the gloss's definition (up to the first quoted example) with any leading
 parenthetical removed. A text seen under two labels is dropped; texts are unique within a task.
+The builder's docstring has the exact rules.
 """
 
 from __future__ import annotations
@@ -53,6 +73,10 @@ _NOUN = {
     "noun.state": "states and conditions",
     "noun.substance": "substances and materials",
     "noun.time": "time",
+    "noun.object": "natural objects",
+    "noun.phenomenon": "natural phenomena",
+    "noun.relation": "relations",
+    "noun.shape": "shapes",
 }
 _VERB = {
     "verb.body": "the body",
@@ -82,6 +106,113 @@ _LANG = {
     "eo": "Esperanto",
 }
 
+_FOLDOC = {
+    "communications": "telecommunications",
+    "company": "a company",
+    "hardware": "computer hardware",
+    "jargon": "hacker jargon",
+    "language": "programming languages",
+    "operating system": "operating systems",
+    "storage": "data storage",
+}
+_GCIDE = {"nautical": "seafaring", "military": "the military", "ecclesiastical": "the church", "machinery": "machines"}
+_DEB = {
+    "admin": "system administration",
+    "database": "databases",
+    "editors": "text editors",
+    "mail": "email",
+    "math": "mathematics",
+    "net": "networking",
+    "sound": "sound and music",
+    "text": "text processing",
+}
+_BIBLE = {
+    "law": "the law of Moses",
+    "history": "the history of Israel and its kings",
+    "poetry": "psalms and proverbs",
+    "prophets": "the prophets",
+    "gospels": "the gospels about Jesus",
+    "acts": "the acts of the apostles",
+    "epistles": "the letters of the apostles",
+    "revelation": "the apocalypse",
+}
+_FORTUNE2 = {"definitions": "definitions of words", "kids": "children", "linux": "Linux", "men-women": "men and women", "songs-poems": "songs and poems", "startrek": "Star Trek"}
+_FORTUNE_DE = {
+    "computer": "Computer",
+    "fussball": "Fußball",
+    "infodrom": "Programmierer",
+    "linuxtag": "Linux",
+    "ms": "Microsoft",
+    "regeln": "Bauernregeln",
+    "sprueche": "Sprüche",
+    "unfug": "Unfug",
+    "witze": "Witze",
+    "woerterbuch": "Wörterbuch",
+}
+_FORTUNE_ES = {
+    "arte": "art",
+    "ciencia": "science",
+    "familia": "family",
+    "informatica": "computers",
+    "leydemurphy": "Murphy's law",
+    "libertad": "freedom",
+    "poder": "power",
+    "sabiduria": "wisdom",
+    "sentimientos": "feelings",
+    "vida": "life",
+}
+_PERSON = {
+    "communicator": "a communicator",
+    "contestant": "a contestant",
+    "creator": "an artist or maker",
+    "entertainer": "an entertainer",
+    "inhabitant": "an inhabitant of a place",
+    "intellectual": "an intellectual",
+    "leader": "a leader",
+    "religious person": "a religious person",
+    "scientist": "a scientist",
+    "worker": "a worker",
+}
+_ARTIFACT = {
+    "clothing": "clothing",
+    "container": "a container",
+    "conveyance": "a vehicle",
+    "decoration": "a decoration",
+    "device": "a device",
+    "equipment": "equipment",
+    "fabric": "a fabric",
+    "furnishing": "furniture",
+    "implement": "a tool",
+    "structure": "a building or structure",
+}
+_COMMUNICATION = {
+    "auditory communication": "speech or music",
+    "expressive style": "a style of expression",
+    "indication": "a sign or indication",
+    "language": "a language",
+    "message": "a message",
+    "signal": "a signal",
+    "written communication": "writing",
+}
+_PLANT = {
+    "aquatic plant": "an aquatic plant",
+    "bulbous plant": "a plant growing from a bulb",
+    "fungus": "a fungus",
+    "herb": "an herb",
+    "pteridophyte": "a fern",
+    "shrub": "a shrub",
+    "tree": "a tree",
+    "vine": "a vine",
+}
+_FRAME = {
+    "Something ----s": "something happens",
+    "Somebody ----s": "somebody does it",
+    "Somebody ----s something": "somebody does something to something",
+    "Somebody ----s somebody": "somebody does something to somebody",
+    "Something ----s something": "something does something to something",
+    "Somebody ----s PP": "somebody goes somewhere",
+}
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -102,8 +233,37 @@ SPECS: dict[str, TaskSpec] = {
     "wn_pos": TaskSpec("a definition of {}", {"noun": "a noun", "verb": "a verb", "adjective": "an adjective", "adverb": "an adverb"}, "WordNet 3.0 data.{noun,verb,adj,adv}"),
     "fortune_topic": TaskSpec("a quote about {}", {"law": "the law"}, "Debian fortunes, English topic files"),
     "fortune_lang": TaskSpec("a text in {}", _LANG, "Debian fortunes, fortunes-{de,es,it,br,pl,cs,eo}"),
+    # -- text12 ---------------------------------------------------------------------------------------
+    "wn_noun_sense2": TaskSpec("a definition of a word about {}", _NOUN, "WordNet 3.0 data.noun, lexicographer file"),
+    "foldoc_topic": TaskSpec("a definition of a computing term about {}", _FOLDOC, "FOLDOC (dict-foldoc), <topic> tag"),
+    "gcide_domain": TaskSpec("a dictionary definition from {}", _GCIDE, "GCIDE / Webster 1913 (dict-gcide), subject label"),
+    "deb_section": TaskSpec("software for {}", _DEB, "Debian 12 main Packages index, Section"),
+    "bible_section": TaskSpec("a Bible verse from {}", _BIBLE, "King James Bible (bible-kjv), book group"),
+    "fortune_topic2": TaskSpec("a quote about {}", _FORTUNE2, "Debian fortunes, ten more English topic files"),
+    # -- text20 ---------------------------------------------------------------------------------------
+    "fortune_de_topic": TaskSpec("ein Zitat über {}", _FORTUNE_DE, "Debian fortunes-de, topic files"),
+    "fortune_es_topic": TaskSpec("a Spanish quote about {}", _FORTUNE_ES, "Debian fortunes-es, topic files"),
+    "wn_person": TaskSpec("a definition of a person who is {}", _PERSON, "WordNet 3.0 data.noun, hypernym category"),
+    "wn_artifact": TaskSpec("a definition of {}", _ARTIFACT, "WordNet 3.0 data.noun, hypernym category"),
+    "wn_communication": TaskSpec("a definition of {}", _COMMUNICATION, "WordNet 3.0 data.noun, hypernym category"),
+    "wn_plant": TaskSpec("a definition of {}", _PLANT, "WordNet 3.0 data.noun, hypernym category"),
+    "wn_verb_frame": TaskSpec("a verb meaning {}", _FRAME, "WordNet 3.0 data.verb, generic verb frame"),
+    "gcide_domain2": TaskSpec("a dictionary definition from {}", _GCIDE, "GCIDE / Webster 1913 (dict-gcide), subject label"),
 }
-DEFAULT_TASKS = tuple(SPECS)
+DEFAULT_TASKS = ("wn_noun_sense", "wn_verb_sense", "wn_domain", "wn_pos", "fortune_topic", "fortune_lang")
+TEXT12 = DEFAULT_TASKS + ("wn_noun_sense2", "foldoc_topic", "gcide_domain", "deb_section", "bible_section", "fortune_topic2")
+TEXT20 = TEXT12 + (
+    "fortune_de_topic", "fortune_es_topic", "wn_person", "wn_artifact", "wn_communication", "wn_plant", "wn_verb_frame", "gcide_domain2",
+)
+# Named suites; each one extends the one before it.
+SUITES: dict[str, tuple[str, ...]] = {"text6": DEFAULT_TASKS, "text12": TEXT12, "text20": TEXT20}
+
+
+def suite_tasks(name: str) -> tuple[str, ...]:
+    """The task names of a named suite (``text6``, ``text12``, ``text20``)."""
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
+    return SUITES[name]
 
 
 @dataclass
