@@ -233,3 +233,17 @@ def test_lora_bench_on_a_tiny_model(tiny):
     # A second run reuses the cached adapters.
     run_bench(replace(cfg, methods=("zeroshot", "finetuned")), log=lambda m: None, tasks=tasks)
     assert len(ft.TRAINED) == before + 2
+
+
+def test_bench_suite_option_selects_the_named_tasks(monkeypatch):
+    from pactmerge.eval import bench
+    from pactmerge.eval.tasks import SUITES
+
+    seen = {}
+    monkeypatch.setattr(bench, "run_bench", lambda cfg, log: seen.setdefault("tasks", cfg.tasks) and {"tasks": [], "rows": [], "finetune_seconds": 0, "total_seconds": 0})
+    bench.bench_command(suite="text12", out=None, progress=False)
+    assert seen["tasks"] == SUITES["text12"] and len(seen["tasks"]) == 12
+    with pytest.raises(ValueError, match="unknown suite 'text7'; known: text6, text12, text20"):
+        bench.bench_command(suite="text7", progress=False)
+    with pytest.raises(ValueError, match="not both"):
+        bench.bench_command(suite="text6", tasks="wn_pos", progress=False)

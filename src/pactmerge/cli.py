@@ -76,7 +76,8 @@ app.command("analyze")(analyze_command)
 
 @app.command("bench")
 def bench(
-    tasks: str = typer.Option(None, help="Comma-separated tasks (default: all six)."),
+    suite: str = typer.Option(None, help="Named task suite: text6 (default), text12, text20."),
+    tasks: str = typer.Option(None, help="Comma-separated tasks (default: the text6 suite)."),
     methods: str = typer.Option(None, help="Comma-separated row keys, e.g. ta,pact-ta,isoc (default: all)."),
     steps: int = typer.Option(None, help="Fine-tuning steps per task (default 120; 30 with --quick)."),
     seed: int = typer.Option(0, help="Fine-tuning seed."),
@@ -94,7 +95,7 @@ def bench(
     try:
         bench_command(
             tasks=tasks, methods=methods, steps=steps, seed=seed, cache_dir=cache_dir, out=out,
-            quick=quick, pact_rank=pact_rank, alpha_max=alpha_max, progress=progress, lora=lora,
+            quick=quick, pact_rank=pact_rank, alpha_max=alpha_max, progress=progress, lora=lora, suite=suite,
         )
     except (PactMergeError, ValueError) as e:
         _fail(e)

@@ -32,7 +32,7 @@ def analyze_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
     progress: bool = typer.Option(sys.stderr.isatty(), "--progress/--no-progress", help="Show progress bars."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto (subspaces; models are evaluated on the CPU)."),
-    suite: Optional[str] = typer.Option(None, "--suite", help="Built-in task suite whose cached fine-tunes are analyzed: text6."),
+    suite: Optional[str] = typer.Option(None, "--suite", help="Built-in task suite whose cached fine-tunes are analyzed: text6, text12 or text20."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="With --suite: comma-separated subset of its tasks (default all)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="With --suite: the bench's fine-tune cache (default $PACTMERGE_CACHE or ~/.cache/pactmerge/bench)."),
     ablation: bool = typer.Option(False, "--ablation", help="Subspace ablation of every task (paper Sec. 3.2.2); needs --suite."),

@@ -141,10 +141,20 @@ def build_suite(
                  list(FROZEN if exclude is None else exclude), cached)
 
 
-def _load_text6(cache_dir=None, tasks: Sequence[str] | None = None, progress: bool = False, log=None) -> Suite:
-    from pactmerge.eval.tasks import load_tasks
+def _text_spec(name: str) -> Callable[[], SuiteSpec]:
+    """A built-in text suite of the benchmark (``pactmerge.eval.tasks.SUITES``)."""
 
-    return build_suite(load_tasks(list(tasks) if tasks else None), name="text6", cache_dir=cache_dir, progress=progress, log=log)
+    def spec() -> SuiteSpec:
+        from pactmerge.eval.tasks import load_tasks, suite_tasks
+
+        names = suite_tasks(name)
+
+        def load(cache_dir=None, tasks: Sequence[str] | None = None, progress: bool = False, log=None) -> Suite:
+            return build_suite(load_tasks(list(tasks or names)), name=name, cache_dir=cache_dir, progress=progress, log=log)
+
+        return SuiteSpec(tuple(names), load)
+
+    return spec
 
 
 @dataclass(frozen=True)
@@ -153,18 +163,12 @@ class SuiteSpec:
     load: Callable[..., Suite]  # (cache_dir, tasks, progress, log) -> Suite
 
 
-def _text6_spec() -> SuiteSpec:
-    from pactmerge.eval.tasks import DEFAULT_TASKS
-
-    return SuiteSpec(tuple(DEFAULT_TASKS), _load_text6)
-
-
 # name -> spec; tests register tiny suites here.
-SUITES: dict[str, Callable[[], SuiteSpec]] = {"text6": _text6_spec}
+SUITES: dict[str, Callable[[], SuiteSpec]] = {name: _text_spec(name) for name in ("text6", "text12", "text20")}
 
 
 def load_suite(name: str = "text6", cache_dir=None, tasks: Sequence[str] | None = None, progress: bool = False, log=None) -> Suite:
-    """A registered suite (``text6``: the benchmark's six tasks), optionally a subset of its tasks."""
+    """A registered suite (``text6``, ``text12``, ``text20``: the benchmark's), optionally a subset of its tasks."""
     spec = suite_spec(name)
     if tasks:
         check_task_names(spec.tasks, tasks, "--tasks")

@@ -438,6 +438,7 @@ def bench_command(
     alpha_max: float = 20.0,
     progress: bool = True,
     lora: bool = False,
+    suite: str | None = None,
 ) -> dict:
     """Run the benchmark, print the markdown table, write results.{json,md,png} to ``out``
     (default ``bench_out``, ``bench_out_lora`` with ``lora``)."""
@@ -455,6 +456,12 @@ def bench_command(
         cfg = replace(cfg, lora=tuned)
     ft = replace(cfg.finetune, seed=seed, **({"steps": steps} if steps is not None else {}))
     cfg = replace(cfg, finetune=ft, K=K, k=k, cache_dir=cache_dir, out_dir=out, alpha_max=alpha_max, progress=progress)
+    if suite and tasks:
+        raise ValueError("give --suite or --tasks, not both")
+    if suite:
+        from pactmerge.eval.tasks import suite_tasks
+
+        cfg = replace(cfg, tasks=suite_tasks(suite))
     if tasks:
         cfg = replace(cfg, tasks=_csv(tasks))
     if methods:
