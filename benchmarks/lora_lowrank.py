@@ -9,7 +9,8 @@ the merge, and the max |difference| between the two outputs.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lora_lowrank.py --shape 4096x4096 --T 4 --r 16
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lora_lowrank.py \
-        --base ~/.cache/pactmerge/bench/base-* --adapters ~/.cache/pactmerge/bench/lora/*
+        --base ~/.cache/pactmerge/bench/base-* --adapters ~/.cache/pactmerge/bench/lora/* \
+        --pact 7,4 --exclude '^embeddings\.' '^pooler\.'
 """
 
 from __future__ import annotations
@@ -92,7 +93,9 @@ print(json.dumps({"seconds": dt, "peak_mib": (status("VmHWM") - before) / 2**20}
 
 
 def run(cfg: dict, out: Path) -> dict:
-    res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg), str(out)], capture_output=True, text=True, check=True)
+    res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg), str(out)], capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"merge failed ({cfg['method']}, pact {cfg.get('pact')}):\n{res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -104,6 +107,8 @@ def main() -> None:
     ap.add_argument("--base", help="real case: the base model folder the adapters were trained on")
     ap.add_argument("--adapters", nargs="+", help="real case: PEFT adapter folders")
     ap.add_argument("--pact", default="15,8", help="PACT K,k of the PACT rows")
+    ap.add_argument("--exclude", nargs="*", default=[], help="real case: regexes of parameters copied from the base "
+                    "(the LoRA benchmark excludes '^embeddings\\.' '^pooler\\.', which its adapters do not touch)")
     args = ap.parse_args()
     from safetensors.torch import load_file
 
@@ -122,7 +127,7 @@ def main() -> None:
         print("| method | PACT | low-rank s | dense s | low-rank peak MiB | dense peak MiB | max abs diff |")
         print("|---|---|---|---|---|---|---|")
         for i, (method, params, pact) in enumerate(CASES):
-            common = {"base_model": base, "method": method, "parameters": params}
+            common = {"base_model": base, "method": method, "parameters": params, "exclude": args.exclude}
             if pact:
                 pact = {"K": K, "k": k}
                 common["pact"] = pact
