@@ -35,7 +35,10 @@ never merged (``exclude``); how a merged model gets its statistics is the ``bn``
 * ``"joint"``: re-estimated once from ``bn_images`` unlabelled train images of every task, mixed.
 
 ``bn_rows`` adds the pretrained model (alpha = 0) and each fine-tune under the same re-estimation
-as reference rows, so that the effect of re-estimation alone is visible.
+as reference rows, so that the effect of re-estimation alone is visible. Re-estimated statistics
+drop every model, the pretrained one included, to chance with these probes; and with the pretrained
+statistics each fine-tune wrecks the other tasks' probes, so the merges stay near the pretrained
+model. docs/image_bench.md has the numbers.
 """
 
 from __future__ import annotations
