@@ -247,3 +247,16 @@ def test_bench_suite_option_selects_the_named_tasks(monkeypatch):
         bench.bench_command(suite="text7", progress=False)
     with pytest.raises(ValueError, match="not both"):
         bench.bench_command(suite="text6", tasks="wn_pos", progress=False)
+
+
+def test_bench_suite_image_goes_to_the_image_harness(monkeypatch):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from pactmerge.eval import bench, image_bench
+
+    seen = {}
+    monkeypatch.setattr(image_bench, "image_bench_command", lambda out=None, **kw: seen.update(kw, out=out) or {})
+    bench.bench_command(suite="image", methods="ta,pact-ta", steps=7, seed=3, pact_rank="9,5", progress=False)
+    assert seen["methods"] == ("ta", "pact-ta") and (seen["K"], seen["k"]) == (9, 5)
+    assert seen["finetune"].steps == 7 and seen["finetune"].seed == 3 and seen["out"] is None
+    with pytest.raises(ValueError, match="--suite image takes"):
+        bench.bench_command(suite="image", lora=True, progress=False)

@@ -76,7 +76,7 @@ app.command("analyze")(analyze_command)
 
 @app.command("bench")
 def bench(
-    suite: str = typer.Option(None, help="Named task suite: text6 (default), text12, text20."),
+    suite: str = typer.Option(None, help="Named suite: text6 (default), text12, text20 (MiniLM, text), image (EfficientNet-Lite0)."),
     tasks: str = typer.Option(None, help="Comma-separated tasks (default: the text6 suite)."),
     methods: str = typer.Option(None, help="Comma-separated row keys, e.g. ta,pact-ta,isoc (default: all)."),
     steps: int = typer.Option(None, help="Fine-tuning steps per task (default 120; 30 with --quick)."),

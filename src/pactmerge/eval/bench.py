@@ -408,9 +408,9 @@ def bar_chart(report: dict, path: Path) -> None:
         for i, v in enumerate(vals):
             ax.text(v, i, f" {v:.1f}", va="center", fontsize=8)
         ax.set_title(title)
-        ax.invert_yaxis()
         ax.set_xlim(0, max(vals) * 1.12)
     axes[0].set_yticks(list(y), labels, fontsize=8)
+    axes[0].invert_yaxis()  # first row on top; the axes share y, so once inverts both
     kind = " LoRA r{}".format(report["config"]["lora"]["rank"]) if report["config"].get("lora") else ""
     fig.suptitle(f"pactmerge bench: MiniLM-L6{kind}, {len(report['tasks'])} tasks, test split (grey: references, orange: PACT / S-PACT)")
     fig.tight_layout()
@@ -423,6 +423,20 @@ def bar_chart(report: dict, path: Path) -> None:
 
 def _csv(s: str | None) -> tuple[str, ...] | None:
     return None if s is None else tuple(x.strip() for x in s.split(",") if x.strip())
+
+
+def _image_overrides(methods, steps, seed, cache_dir, pact_rank, alpha_max, progress) -> dict:
+    from pactmerge.eval.image_bench import ImageBenchConfig
+
+    ft = ImageBenchConfig().finetune
+    out = {"finetune": replace(ft, seed=seed, **({"steps": steps} if steps is not None else {})), "alpha_max": alpha_max, "progress": progress}
+    if methods:
+        out["methods"] = _csv(methods)
+    if cache_dir is not None:
+        out["cache_dir"] = Path(cache_dir)
+    if pact_rank:
+        out["K"], out["k"] = (int(x) for x in pact_rank.split(","))
+    return out
 
 
 def bench_command(
@@ -441,7 +455,13 @@ def bench_command(
     suite: str | None = None,
 ) -> dict:
     """Run the benchmark, print the markdown table, write results.{json,md,png} to ``out``
-    (default ``bench_out``, ``bench_out_lora`` with ``lora``)."""
+    (default ``bench_out``, ``bench_out_lora`` with ``lora``, ``bench_out_image`` for ``suite="image"``)."""
+    if suite == "image":  # the CNN suite has its own harness (eval/image_bench.py)
+        if lora or tasks or quick or preset:
+            raise ValueError("--suite image takes --methods, --steps, --seed, --cache-dir, --out, --pact-rank, --alpha-max only")
+        from pactmerge.eval.image_bench import image_bench_command
+
+        return image_bench_command(out=out, **_image_overrides(methods, steps, seed, cache_dir, pact_rank, alpha_max, progress))
     preset = preset or ("quick" if quick else "full")
     presets = {"full": BenchConfig, "quick": quick_config, "demo": demo_config}
     if preset not in presets:
