@@ -78,16 +78,6 @@ def read_state(ref: str | os.PathLike) -> dict[str, Tensor]:
         src.close()
 
 
-def _quiet_transformers() -> None:
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except Exception:  # pragma: no cover - optional
-        pass
-
-
 def build_suite(
     tasks: Mapping[str, Task],
     *,
@@ -121,6 +111,8 @@ def build_suite(
         prepare_base,
     )
     from pactmerge.eval.heads import build_head
+
+    from pactmerge.eval.bench import _quiet_transformers
 
     _quiet_transformers()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()

@@ -265,27 +265,10 @@ def run_bench(cfg: BenchConfig, log=print, tasks: dict[str, Task] | None = None)
     results: list[dict] = []
 
     def record(row: Row, test: dict, val: dict | None = None, choice: AlphaChoice | None = None, **extra):
-        results.append(
-            {
-                "key": row.key,
-                "label": row.label,
-                "test": test,
-                "validation": val,
-                "alpha": None if choice is None else choice.alpha,
-                "alpha_label": "—" if choice is None else choice.label() + (" (fixed)" if row.fixed_alpha is not None else ""),
-                "alpha_edge": None if choice is None else choice.edge,
-                "alpha_extended": None if choice is None else choice.extended,
-                "alpha_trace": None if choice is None else choice.trace,
-                **extra,
-            }
-        )
+        results.append(result_row(row.key, row.label, test, val, choice, row.fixed_alpha is not None, **extra))
 
     def _report() -> dict:
-        for r in results:
-            if "test" in r:
-                r["normalized"] = normalized(r["test"], ft_test)
-                r["avg_abs"] = mean(r["test"].values())
-                r["avg_norm"] = mean(r["normalized"].values())
+        add_averages(results, ft_test)
         return {
             "tasks": list(tasks),
             "sizes": {n: {s: len(t.splits[s][0]) for s in t.splits} for n, t in tasks.items()},
@@ -343,6 +326,32 @@ def run_bench(cfg: BenchConfig, log=print, tasks: dict[str, Task] | None = None)
     if cfg.out_dir is not None:
         write_outputs(report, Path(cfg.out_dir), chart=cfg.chart)
     return report
+
+
+def result_row(key: str, label: str, test: dict, val: dict | None = None, choice: AlphaChoice | None = None,
+               fixed: bool = False, **extra) -> dict:
+    """One row of a report: accuracies per task, and the alpha choice (None for reference rows)."""
+    return {
+        "key": key,
+        "label": label,
+        "test": test,
+        "validation": val,
+        "alpha": None if choice is None else choice.alpha,
+        "alpha_label": "—" if choice is None else choice.label() + (" (fixed)" if fixed else ""),
+        "alpha_edge": None if choice is None else choice.edge,
+        "alpha_extended": None if choice is None else choice.extended,
+        "alpha_trace": None if choice is None else choice.trace,
+        **extra,
+    }
+
+
+def add_averages(results: list[dict], ft_test: dict) -> None:
+    """Fill each evaluated row's normalized accuracies (vs the fine-tuned models) and averages."""
+    for r in results:
+        if "test" in r:
+            r["normalized"] = normalized(r["test"], ft_test)
+            r["avg_abs"] = mean(r["test"].values())
+            r["avg_norm"] = mean(r["normalized"].values())
 
 
 def _quiet_transformers() -> None:

@@ -56,8 +56,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pactmerge.eval.alpha import AlphaChoice, search_alpha
-from pactmerge.eval.evaluate import mean, normalized
-from pactmerge.eval.finetune import _save_atomic, default_cache_dir
+from pactmerge.eval.bench import add_averages, result_row
+from pactmerge.eval.evaluate import mean
+from pactmerge.eval.finetune import _file_sha, _save_atomic, default_cache_dir
 from pactmerge.eval.images import IMAGE_TASKS, ImageTask, load_image_tasks, to_input
 
 CODE_VERSION = "image-v1"
@@ -200,14 +201,6 @@ def head_logits(feats: Tensor, head: tuple[Tensor, Tensor]) -> Tensor:
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -500,22 +493,10 @@ def run_image_bench(cfg: ImageBenchConfig | None = None, log=print, tasks: dict[
     results: list[dict] = []
 
     def record(key, label, test, val=None, choice: AlphaChoice | None = None, fixed=False, **extra):
-        results.append({
-            "key": key, "label": label, "test": test, "validation": val,
-            "alpha": None if choice is None else choice.alpha,
-            "alpha_label": "—" if choice is None else choice.label() + (" (fixed)" if fixed else ""),
-            "alpha_edge": None if choice is None else choice.edge,
-            "alpha_extended": None if choice is None else choice.extended,
-            "alpha_trace": None if choice is None else choice.trace,
-            **extra,
-        })
+        results.append(result_row(key, label, test, val, choice, fixed, **extra))
 
     def _report() -> dict:
-        for r in results:
-            if "test" in r:
-                r["normalized"] = normalized(r["test"], ft_test)
-                r["avg_abs"] = mean(r["test"].values())
-                r["avg_norm"] = mean(r["normalized"].values())
+        add_averages(results, ft_test)
         return {
             "suite": "image",
             "tasks": list(tasks),
