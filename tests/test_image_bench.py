@@ -4,6 +4,7 @@
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -165,13 +166,13 @@ def test_probe_heads_stay_frozen_and_finetunes_are_cached(tmp_path):
     task = _tiny_task("sq", 3)
     net = ib.build_network(32)
     net.load_state_dict(base.reference)
-    heads = ib.get_heads({"sq": task}, net, base, ib.ProbeConfig(max_iter=20), cache, 32)
-    head = tuple(h.clone() for h in heads["sq"])
+    heads = ib.get_heads({"sq": task}, net, base, ib.HeadConfig(kind="probe", max_iter=20), cache, 32)
+    head = {n: h.clone() for n, h in heads["sq"].items()}
     cfg = ib.ImageFinetuneConfig(steps=3, batch_size=4, lr=1e-3)
     ib.TRAINED.clear()
     path = ib.get_image_finetuned(task, heads["sq"], base, cfg, cache, 32)
     assert ib.TRAINED == ["sq"]
-    assert all(torch.equal(a, b) for a, b in zip(heads["sq"], head))  # the head did not train
+    assert all(torch.equal(heads["sq"][n], head[n]) for n in head)  # the head did not train
     tuned = ib.load_merge_state(path)
     base_sd = ib.load_merge_state(base.path)
     assert set(tuned) == set(base_sd)
@@ -182,8 +183,38 @@ def test_probe_heads_stay_frozen_and_finetunes_are_cached(tmp_path):
     # Cached: same inputs train nothing; heads re-load identically.
     assert ib.get_image_finetuned(task, heads["sq"], base, cfg, cache, 32) == path
     assert ib.TRAINED == ["sq"]
-    again = ib.get_heads({"sq": task}, net, base, ib.ProbeConfig(max_iter=20), cache, 32)
-    assert all(torch.equal(a, b) for a, b in zip(again["sq"], head))
+    again = ib.get_heads({"sq": task}, net, base, ib.HeadConfig(kind="probe", max_iter=20), cache, 32)
+    assert set(again["sq"]) == {"weight", "bias"} and all(torch.equal(again["sq"][n], head[n]) for n in head)
+
+
+def test_cosine_head_is_scaled_cosine_to_centred_class_means():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.rand(30, 6, generator=g, dtype=torch.float64) * 3
+    labels = torch.arange(30) % 3
+    head = ib.fit_cosine_head(feats, labels, 3, scale=7.0)
+    # Independent derivation in numpy, float64.
+    f = feats.numpy()
+    c = f.mean(0)
+    z = (f - c) / np.linalg.norm(f - c, axis=1, keepdims=True)
+    m = np.stack([z[labels.numpy() == k].mean(0) for k in range(3)])
+    m /= np.linalg.norm(m, axis=1, keepdims=True)
+    np.testing.assert_allclose(head["class_means"].numpy(), m, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(head["center"].numpy(), c, rtol=1e-6)
+    q = torch.rand(5, 6, generator=g, dtype=torch.float64).float()
+    qz = (q.numpy() - c) / np.linalg.norm(q.numpy() - c, axis=1, keepdims=True)
+    np.testing.assert_allclose(ib.head_logits(q, head).numpy(), 7.0 * qz @ m.T, rtol=1e-4, atol=1e-5)
+    # Invariants: unit-norm class means; logits bounded by the scale; blind to the length of f - center.
+    assert torch.allclose(head["class_means"].norm(dim=1), torch.ones(3))
+    assert ib.head_logits(q, head).abs().max() <= 7.0 + 1e-5
+    far = head["center"] + 4.0 * (q - head["center"])
+    assert torch.allclose(ib.head_logits(far, head), ib.head_logits(q, head), atol=1e-5)
+    # The two kinds have different digests (fine-tune cache keys), and a bad kind is refused.
+    probe = {"weight": torch.ones(3, 6), "bias": torch.zeros(3)}
+    assert ib.head_digest(head) != ib.head_digest(probe) and len(ib.head_digest(head)) == 16
+    with pytest.raises(ValueError, match="head kind"):
+        ib.HeadConfig(kind="knn")
+    with pytest.raises(ValueError, match="every class"):
+        ib.fit_cosine_head(feats, labels, 4)
 
 
 def test_task_bn_policy_uses_each_tasks_own_statistics(tmp_path):
@@ -191,7 +222,7 @@ def test_task_bn_policy_uses_each_tasks_own_statistics(tmp_path):
     tasks = {"a": _tiny_task("a", 2, seed=1), "b": _tiny_task("b", 2, seed=2, rgb=True)}
     net = ib.build_network(32)
     net.load_state_dict(base.reference)
-    heads = {n: (torch.randn(2, 1280), torch.zeros(2)) for n in tasks}
+    heads = {n: {"weight": torch.randn(2, 1280), "bias": torch.zeros(2)} for n in tasks}
     ev = ib.ImageEvaluator(net, base, tasks, heads, 32, bn="task", bn_images=5)
     ev.accuracy("validation")
     ev._use_task_stats("b")
@@ -254,7 +285,7 @@ def test_run_image_bench_report_works_with_markdown_table(tmp_path):
     tasks = {"a": _tiny_task("a", 3, seed=1), "b": _tiny_task("b", 4, seed=2, rgb=True)}
     cfg = ib.ImageBenchConfig(
         tasks=tuple(tasks), methods=("zeroshot", "finetuned", "ta", "isoc", "pact-ta"), K=4, k=2,
-        finetune=ib.ImageFinetuneConfig(steps=2, batch_size=4), probe=ib.ProbeConfig(max_iter=10),
+        finetune=ib.ImageFinetuneConfig(steps=2, batch_size=4), head=ib.HeadConfig(kind="probe", max_iter=10),
         bn="task", bn_images=6, bn_rows=True, cache_dir=tmp_path / "cache", out_dir=tmp_path / "out",
         alpha_max=3.0, progress=False, chart=False,
     )
