@@ -258,5 +258,12 @@ def test_bench_suite_image_goes_to_the_image_harness(monkeypatch):
     bench.bench_command(suite="image", methods="ta,pact-ta", steps=7, seed=3, pact_rank="9,5", progress=False)
     assert seen["methods"] == ("ta", "pact-ta") and (seen["K"], seen["k"]) == (9, 5)
     assert seen["finetune"].steps == 7 and seen["finetune"].seed == 3 and seen["out"] is None
+    assert "head" not in seen  # the config's default (cosine) applies
+    bench.bench_command(suite="image", image_head="probe", progress=False)
+    assert seen["head"].kind == "probe" and seen["finetune"].steps == image_bench.ImageFinetuneConfig().steps
+    with pytest.raises(ValueError, match="head kind must be"):
+        bench.bench_command(suite="image", image_head="knn", progress=False)
     with pytest.raises(ValueError, match="--suite image takes"):
         bench.bench_command(suite="image", lora=True, progress=False)
+    with pytest.raises(ValueError, match="--image-head is for --suite image only"):
+        bench.bench_command(suite="text6", image_head="probe", progress=False)

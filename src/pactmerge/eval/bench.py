@@ -434,8 +434,8 @@ def _csv(s: str | None) -> tuple[str, ...] | None:
     return None if s is None else tuple(x.strip() for x in s.split(",") if x.strip())
 
 
-def _image_overrides(methods, steps, seed, cache_dir, pact_rank, alpha_max, progress) -> dict:
-    from pactmerge.eval.image_bench import ImageBenchConfig
+def _image_overrides(methods, steps, seed, cache_dir, pact_rank, alpha_max, progress, head=None) -> dict:
+    from pactmerge.eval.image_bench import HeadConfig, ImageBenchConfig
 
     ft = ImageBenchConfig().finetune
     out = {"finetune": replace(ft, seed=seed, **({"steps": steps} if steps is not None else {})), "alpha_max": alpha_max, "progress": progress}
@@ -445,6 +445,8 @@ def _image_overrides(methods, steps, seed, cache_dir, pact_rank, alpha_max, prog
         out["cache_dir"] = Path(cache_dir)
     if pact_rank:
         out["K"], out["k"] = (int(x) for x in pact_rank.split(","))
+    if head:
+        out["head"] = HeadConfig(kind=head)
     return out
 
 
@@ -462,6 +464,7 @@ def bench_command(
     progress: bool = True,
     lora: bool = False,
     suite: str | None = None,
+    image_head: str | None = None,
 ) -> dict:
     """Run the benchmark, print the markdown table, write results.{json,md,png} to ``out``
     (default ``bench_out``, ``bench_out_lora`` with ``lora``, ``bench_out_image`` for ``suite="image"``)."""
@@ -470,7 +473,9 @@ def bench_command(
             raise ValueError("--suite image takes --methods, --steps, --seed, --cache-dir, --out, --pact-rank, --alpha-max only")
         from pactmerge.eval.image_bench import image_bench_command
 
-        return image_bench_command(out=out, **_image_overrides(methods, steps, seed, cache_dir, pact_rank, alpha_max, progress))
+        return image_bench_command(out=out, **_image_overrides(methods, steps, seed, cache_dir, pact_rank, alpha_max, progress, image_head))
+    if image_head:
+        raise ValueError("--image-head is for --suite image only")
     preset = preset or ("quick" if quick else "full")
     presets = {"full": BenchConfig, "quick": quick_config, "demo": demo_config}
     if preset not in presets:
