@@ -476,8 +476,12 @@ class ImageBenchConfig:
     methods: tuple[str, ...] | None = IMAGE_ROWS  # row keys of bench.default_rows; None = every row
     finetune: ImageFinetuneConfig = field(default_factory=ImageFinetuneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
-    K: int = 15
-    k: int = 8
+    # PACT K,k (also CSP's rank and S-PACT's K). Smaller than the text suites' 15,8 because this
+    # network's 1x1 convolutions are narrow (min(m, n) = 16 ... 320, against MiniLM's 384 ... 1536):
+    # K = 15 removes most of a 16- or 24-wide input space. 4,2 had the best validation score of
+    # 15,8 / 8,4 / 4,2 / 2,1 for PACT-TSV-M and PACT-Iso-C (docs/image_bench.md).
+    K: int = 4
+    k: int = 2
     image_size: int = 32
     bn: str = "pretrained"  # "pretrained" | "task" | "joint": the merged models' BatchNorm statistics
     bn_images: int = 64  # unlabelled train images per task for re-estimation
