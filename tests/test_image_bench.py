@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from pactmerge.eval import image_bench as ib
@@ -285,7 +286,7 @@ def test_run_image_bench_report_works_with_markdown_table(tmp_path):
     tasks = {"a": _tiny_task("a", 3, seed=1), "b": _tiny_task("b", 4, seed=2, rgb=True)}
     cfg = ib.ImageBenchConfig(
         tasks=tuple(tasks), methods=("zeroshot", "finetuned", "ta", "isoc", "pact-ta"), K=4, k=2,
-        finetune=ib.ImageFinetuneConfig(steps=2, batch_size=4), head=ib.HeadConfig(kind="probe", max_iter=10),
+        finetune=ib.ImageFinetuneConfig(steps=2, batch_size=4),  # default heads: cosine
         bn="task", bn_images=6, bn_rows=True, cache_dir=tmp_path / "cache", out_dir=tmp_path / "out",
         alpha_max=3.0, progress=False, chart=False,
     )
@@ -294,6 +295,9 @@ def test_run_image_bench_report_works_with_markdown_table(tmp_path):
     assert report["finetune_seconds"] >= 0 and report["total_seconds"] >= report["finetune_seconds"]
     keys = [r["key"] for r in report["rows"]]
     assert keys == ["zeroshot", "finetuned", "zeroshot-bn", "finetuned-bn", "ta", "isoc", "pact-ta"]  # default_rows order
+    assert report["rows"][0]["label"] == "zero-shot (cosine class-mean head)"
+    heads = list((tmp_path / "cache" / "heads").glob("*.safetensors"))
+    assert len(heads) == 2 and all(set(load_file(str(h))) == {"center", "class_means", "scale"} for h in heads)
     for r in report["rows"]:
         assert set(r["test"]) == {"a", "b"} and 0.0 <= r["avg_abs"] <= 1.0
         assert r["normalized"]["a"] == pytest.approx(r["test"]["a"] / report["rows"][1]["test"]["a"])
