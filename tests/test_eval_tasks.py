@@ -150,6 +150,18 @@ def test_alpha_search_flags_a_boundary_pick():
     assert limited.alpha == 5.0 and limited.edge and limited.extended
 
 
+def test_alpha_search_extends_below_the_grid_bottom():
+    c = search_alpha(peak(0.03))
+    assert [a for a, _ in c.trace] == [0.1, 0.2, 0.3, 0.4, 0.05, 0.025, 0.0125]
+    assert c.alpha == 0.025 and c.extended and not c.edge and c.label() == "0.025 (ext)"
+    falling = search_alpha(lambda a: -a)  # wants alpha -> 0: stops at min_alpha, flagged
+    assert falling.alpha == 0.0125 and falling.edge and falling.label() == "0.0125 (edge)"
+    unextended = search_alpha(lambda a: -a, extend=False)
+    assert unextended.alpha == 0.1 and unextended.edge and [a for a, _ in unextended.trace] == [0.1, 0.2, 0.3, 0.4]
+    interior = search_alpha(peak(0.1))  # the first value is the best, but nothing below it is better
+    assert interior.alpha == 0.1 and not interior.edge and interior.extended
+
+
 def test_alpha_search_plateau_keeps_smallest():
     c = search_alpha(lambda a: min(a, 1.0))
     assert c.alpha == 1.0 and not c.edge
