@@ -115,3 +115,29 @@ def test_np_orth_reference_is_sane(rng):
     a = rng.standard_normal((10, 3))
     q = np_orth(np.concatenate([a, a], axis=1))
     assert q.shape == (10, 3)
+
+
+def test_width_relative_ranks_match_the_fixed_rank_derivation(rng):
+    # K_ratio / k_ratio give each parameter K = max(1, round(ratio * min(m, n))): on a 40 x 36 layer,
+    # 0.25 and 0.1 mean K = 9, k = 4 -- the numpy derivation with those fixed ranks.
+    base, deltas = make_layer(rng, 3)
+    ref = np_pact(base, deltas, 9, 4)
+    ours = run_pact(t64(base), [t64(d) for d in deltas], K_ratio=0.25, k_ratio=0.1)
+    for r, o in zip(ref, ours):
+        np.testing.assert_allclose(o.numpy(), r, atol=1e-10)
+    p = PactParams(K_ratio=0.04, k_ratio=0.02)
+    assert p.ranks((1280, 320)) == (13, 6) and p.ranks((16, 32)) == (1, 1)  # never below 1
+    assert PactParams(K=15, k=8).ranks((16, 32)) == (15, 8)  # fixed ranks ignore the width
+    assert PactParams(K=15, k_ratio=0.5).ranks((16, 32)) == (15, 8)  # each rank on its own
+    with pytest.raises(Exception, match="K_ratio"):
+        PactParams(K_ratio=1.5)
+
+
+def test_width_relative_ranks_pass_the_check_where_a_fixed_k_fails():
+    from pactmerge.errors import PactMergeError
+    from pactmerge.filters.pact import _check
+
+    narrow = ParamInfo("blocks.1.project.weight", (16, 32), torch.float32, "matrix", 0, 1.0)
+    with pytest.raises(PactMergeError, match=r"pact.K=20 exceeds min\(m, n\)=16.*K_ratio"):
+        _check(PactParams(K=20, k=8), narrow)
+    _check(PactParams(K=20, k=8, K_ratio=0.04, k_ratio=0.02), narrow)  # K, k = 1, 1

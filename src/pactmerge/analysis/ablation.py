@@ -97,8 +97,8 @@ def ablation_params(inputs: MergeInputs, setup: AnalysisSetup) -> tuple[list[Par
     for info in inputs.plan.params:
         if not (info.is_matrix and info.in_depth(p.depth)):
             continue
-        if min(info.shape) < max(p.K, p.k):
-            skipped.append({"parameter": info.name, "reason": f"min(m, n)={min(info.shape)} < max(K, k)={max(p.K, p.k)}"})
+        if min(info.shape) < max(p.ranks(info.shape)):
+            skipped.append({"parameter": info.name, "reason": f"min(m, n)={min(info.shape)} < max(K, k)={max(p.ranks(info.shape))}"})
             continue
         chosen.append(info)
     return chosen, skipped

@@ -55,7 +55,7 @@ def analysis_setup(cfg: MergeConfig) -> AnalysisSetup:
             pre.append((spec, params))
     else:
         setup = AnalysisSetup(PactParams(), False, [])
-    if setup.pact.K == 0 or setup.pact.k == 0:
+    if (setup.pact.K == 0 and setup.pact.K_ratio is None) or (setup.pact.k == 0 and setup.pact.k_ratio is None):
         raise PactMergeError(
             f"analyze: pact.K={setup.pact.K}, pact.k={setup.pact.k}: both must be >= 1 for the LBW diagnostics"
         )
@@ -81,8 +81,8 @@ def select(inputs: MergeInputs, setup: AnalysisSetup, layers: str | None) -> tup
     for info in inputs.plan.params:
         if info.kind != "matrix" or (pattern is not None and not pattern.search(info.name)):
             continue
-        if min(info.shape) < max(p.K, p.k):
-            skipped.append({"parameter": info.name, "reason": f"min(m, n)={min(info.shape)} < max(K, k)={max(p.K, p.k)}"})
+        if min(info.shape) < max(p.ranks(info.shape)):
+            skipped.append({"parameter": info.name, "reason": f"min(m, n)={min(info.shape)} < max(K, k)={max(p.ranks(info.shape))}"})
             continue
         chosen.append(info)
     if not chosen:

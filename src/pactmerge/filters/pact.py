@@ -50,6 +50,23 @@ class PactParams(Params):
     lora_subspace: Literal["exact", "a_rows"] = Field(
         "exact", description="LoRA adapters: V_{t,k} = exact top-k of B_t A_t from the factors, or of A_t alone (paper 5.2)"
     )
+    K_ratio: float | None = Field(
+        None, gt=0, le=1, description="if set, K = max(1, round(K_ratio * min(m, n))) for each parameter instead of a fixed K"
+    )
+    k_ratio: float | None = Field(
+        None, gt=0, le=1, description="if set, k = max(1, round(k_ratio * min(m, n))) for each parameter instead of a fixed k"
+    )
+
+    def ranks(self, shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:
+        """(K, k) for a parameter of this (m, n) shape. A fixed K suits layers of similar width (the
+        paper's transformers); with ratios, a narrow layer (a CNN's 16-wide 1x1 convolution) gets
+        a core of the same relative size as a wide one, not most of its input space."""
+        r = min(int(shape[-2]), int(shape[-1]))
+
+        def pick(fixed: int, ratio: float | None) -> int:
+            return fixed if ratio is None else max(1, round(ratio * r))
+
+        return pick(self.K, self.K_ratio), pick(self.k, self.k_ratio)
 
 
 @dataclass
@@ -79,8 +96,9 @@ def pact_subspaces(base: Tensor, deltas: list[Tensor], p: PactParams, ctx: Param
         deltas: ``T`` task vectors of shape ``(m, n)``, in the compute dtype: dense tensors or
             :class:`LowRankDelta` (see the module doc).
     """
-    core = _top(base, p.K, p, ctx, salt=0)
-    active = [_top(d, p.k, p, ctx, salt=t + 1) for t, d in enumerate(deltas)]
+    K, k = p.ranks(base.shape)
+    core = _top(base, K, p, ctx, salt=0)
+    active = [_top(d, k, p, ctx, salt=t + 1) for t, d in enumerate(deltas)]
     lbw = [orth(core - v @ (v.mT @ core), rtol=p.orth_rtol) for v in active]
     protect = []
     for t in range(len(deltas)):
@@ -94,11 +112,11 @@ def _check(p: PactParams, info: ParamInfo) -> None:
     if not info.is_matrix or not info.in_depth(p.depth):
         return
     r = min(info.shape)
-    for key in ("K", "k"):
-        if getattr(p, key) > r:
+    for key, value in zip(("K", "k"), p.ranks(info.shape)):
+        if value > r:
             raise PactMergeError(
-                f"parameter {info.name!r} {tuple(info.shape)}: pact.{key}={getattr(p, key)} exceeds min(m, n)={r}"
-                f" (lower pact.{key} or exclude the parameter)"
+                f"parameter {info.name!r} {tuple(info.shape)}: pact.{key}={value} exceeds min(m, n)={r}"
+                f" (lower pact.{key}, give pact.{key}_ratio, or exclude the parameter)"
             )
 
 
@@ -112,7 +130,7 @@ def _project_out(d: Tensor | LowRankDelta, P: Tensor) -> Tensor | LowRankDelta:
 @register_filter("pact", params=PactParams, check=_check, lowrank=True)
 def pact(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: PactParams) -> list[Tensor]:
     """Strip each task vector of its projection onto the other tasks' load-bearing-wall subspaces."""
-    if not ctx.info.is_matrix or not ctx.info.in_depth(p.depth) or len(deltas) < 2 or p.K == 0:
+    if not ctx.info.is_matrix or not ctx.info.in_depth(p.depth) or len(deltas) < 2 or p.ranks(base.shape)[0] == 0:
         return deltas
     sub = pact_subspaces(base, deltas, p, ctx)
     return [_project_out(d, P) for d, P in zip(deltas, sub.protect)]
