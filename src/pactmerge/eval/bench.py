@@ -392,15 +392,16 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(report: dict, out: Path, chart: bool = True) -> None:
+def write_outputs(report: dict, out: Path, chart: bool = True, title: str | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=1))
     (out / "results.md").write_text(markdown_table(report) + "\n")
     if chart:
-        bar_chart(report, out / "results.png")
+        bar_chart(report, out / "results.png", title)
 
 
-def bar_chart(report: dict, path: Path) -> None:
+def bar_chart(report: dict, path: Path, title: str | None = None) -> None:
+    """Average and normalized accuracy per row; ``title`` replaces the text suites' title."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless
@@ -410,18 +411,20 @@ def bar_chart(report: dict, path: Path) -> None:
     labels = [r["label"] + (f"  α={r['alpha_label']}" if r.get("alpha") is not None else "") for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(13, 0.38 * len(rows) + 1.5), sharey=True)
     y = range(len(rows))
-    for ax, key, title in ((axes[0], "avg_abs", "average accuracy (%)"), (axes[1], "avg_norm", "average normalized accuracy (%)")):
+    for ax, key, heading in ((axes[0], "avg_abs", "average accuracy (%)"), (axes[1], "avg_norm", "average normalized accuracy (%)")):
         vals = [100 * r[key] for r in rows]
         colors = ["#999999" if not r.get("filters") and r.get("alpha") is None else "#d95f02" if any("pact" in f for flt in (r.get("filters") or []) for f in flt) else "#1b9e77" for r in rows]
         ax.barh(list(y), vals, color=colors)
         for i, v in enumerate(vals):
             ax.text(v, i, f" {v:.1f}", va="center", fontsize=8)
-        ax.set_title(title)
+        ax.set_title(heading)
         ax.set_xlim(0, max(vals) * 1.12)
     axes[0].set_yticks(list(y), labels, fontsize=8)
     axes[0].invert_yaxis()  # first row on top; the axes share y, so once inverts both
-    kind = " LoRA r{}".format(report["config"]["lora"]["rank"]) if report["config"].get("lora") else ""
-    fig.suptitle(f"pactmerge bench: MiniLM-L6{kind}, {len(report['tasks'])} tasks, test split (grey: references, orange: PACT / S-PACT)")
+    if title is None:
+        kind = " LoRA r{}".format(report["config"]["lora"]["rank"]) if report["config"].get("lora") else ""
+        title = f"pactmerge bench: MiniLM-L6{kind}, {len(report['tasks'])} tasks, test split"
+    fig.suptitle(f"{title} (grey: references, orange: PACT / S-PACT)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

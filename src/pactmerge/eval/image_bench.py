@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pactmerge.eval.alpha import AlphaChoice, search_alpha
-from pactmerge.eval.bench import add_averages, result_row
+from pactmerge.eval.bench import _jsonable, add_averages, result_row
 from pactmerge.eval.evaluate import mean
 from pactmerge.eval.finetune import _file_sha, _save_atomic, default_cache_dir
 from pactmerge.eval.images import IMAGE_TASKS, ImageTask, load_image_tasks, to_input
@@ -617,51 +617,12 @@ def run_image_bench(cfg: ImageBenchConfig | None = None, log=print, tasks: dict[
 
 
 def write_image_outputs(report: dict, out: Path, chart: bool = True) -> None:
-    """``bench.write_outputs`` (results.json, results.md) with this suite's own chart title."""
+    """``bench.write_outputs`` (results.json, results.md, results.png) with this suite's chart title."""
     from pactmerge.eval.bench import write_outputs
 
-    write_outputs(report, out, chart=False)
-    if chart:
-        bar_chart(report, out / "results.png")
-
-
-def bar_chart(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in report["rows"] if "avg_abs" in r]
-    labels = [r["label"] + (f"  α={r['alpha_label']}" if r.get("alpha") is not None else "") for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 0.38 * len(rows) + 1.5), sharey=True)
-    y = list(range(len(rows)))
-    for ax, key, title in ((axes[0], "avg_abs", "average accuracy (%)"), (axes[1], "avg_norm", "average normalized accuracy (%)")):
-        vals = [100 * r[key] for r in rows]
-        pact = [any("pact" in f for flt in (r.get("filters") or []) for f in flt) for r in rows]
-        colors = ["#999999" if r.get("alpha") is None else "#d95f02" if p else "#1b9e77" for r, p in zip(rows, pact)]
-        ax.barh(y, vals, color=colors)
-        for i, v in enumerate(vals):
-            ax.text(v, i, f" {v:.1f}", va="center", fontsize=8)
-        ax.set_title(title)
-        ax.set_xlim(0, max(vals) * 1.12)
-    axes[0].invert_yaxis()  # once: the axes share y, a second call would undo it
-    axes[0].set_yticks(y, labels, fontsize=8)
     bn = report["config"].get("bn", "pretrained")
-    fig.suptitle(f"pactmerge bench --suite image: EfficientNet-Lite0, {len(report['tasks'])} tasks, test split, "
-                 f"BN {bn} (grey: references, orange: PACT)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, Path):
-        return str(x)
-    return x
+    title = f"pactmerge bench --suite image: EfficientNet-Lite0, {len(report['tasks'])} tasks, test split, BN {bn}"
+    write_outputs(report, out, chart=chart, title=title)
 
 
 def image_bench_command(out: Path | None = None, **overrides) -> dict:
