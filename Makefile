@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 PIP     := $(PY) -m pip
 STAMP   := .venv/.setup-done
 
-.PHONY: setup test test-slow demo clean
+.PHONY: setup test lint test-slow demo clean
 
 setup: $(STAMP)
 
@@ -14,7 +14,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e '.[dev,eval,analysis,lora,image]' 'torch==2.13.0'
 	touch $(STAMP)
 
-test: setup
+# The house rules run first: ruff (lint + format, one line length) and mypy on the core.
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
+
+test: lint
 	$(PY) -m pytest -q
 
 test-slow: setup

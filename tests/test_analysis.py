@@ -44,7 +44,9 @@ def np_reference(base, deltas, K, k):
     return {
         "e_in": np.array([fro2(d @ v0) / fro2(d) for d in deltas]),
         "axis": np.array([[fro2(d @ v0[:, [i]]) / fro2(d) for i in range(K)] for d in deltas]),
-        "sim": np.array([[fro2(lbw[a].T @ lbw[b]) / min(lbw[a].shape[1], lbw[b].shape[1]) for b in range(T)] for a in range(T)]),
+        "sim": np.array(
+            [[fro2(lbw[a].T @ lbw[b]) / min(lbw[a].shape[1], lbw[b].shape[1]) for b in range(T)] for a in range(T)]
+        ),
         "inf": np.array([[fro2(act[b].T @ lbw[a]) / k for b in range(T)] for a in range(T)]),
         "pdim": np.array([p.shape[1] for p in prot]),
         "removed": np.array([fro2(d @ p) / fro2(d) for d, p in zip(deltas, prot)]),
@@ -55,8 +57,10 @@ def np_reference(base, deltas, K, k):
 @pytest.mark.parametrize("T", [2, 3, 5])
 def test_metrics_match_numpy_derivation(rng, T):
     base = decaying(rng, M, N, decay=0.75)
-    deltas = [0.05 * (rng.standard_normal((M, 3)) @ rng.standard_normal((3, N)) + 0.1 * rng.standard_normal((M, N)))
-              for _ in range(T)]
+    deltas = [
+        0.05 * (rng.standard_normal((M, 3)) @ rng.standard_normal((3, N)) + 0.1 * rng.standard_normal((M, N)))
+        for _ in range(T)
+    ]
     p = PactParams(K=K, k=k)
     sub = pact_subspaces(t64(base), [t64(d) for d in deltas], p)
     m = param_metrics([t64(d) for d in deltas], sub)
@@ -72,7 +76,7 @@ def test_metrics_match_numpy_derivation(rng, T):
     np.testing.assert_allclose(m.core_axis_energy.sum(1).numpy(), m.intrusion_energy.numpy(), atol=1e-12)
     assert np.abs(np.diag(m.inf.numpy())).max() < 1e-12
     np.testing.assert_allclose(np.diag(m.sim.numpy()), 1.0, atol=1e-12)
-    # notes/pact-composition.md: with K, k = 6, 3 the other tasks cover the whole core once (T-1)(K-k) >= K.
+    # README, composing PACT with Iso-C: with K, k = 6, 3 the other tasks cover the whole core once (T-1)(K-k) >= K.
     assert bool(m.core_protected.all()) == ((T - 1) * (K - k) >= K)
 
 
@@ -128,30 +132,33 @@ def test_zero_task_vector_gives_nan_not_zero(rng):
     assert math.isfinite(m.intrusion_energy[1].item())
 
 
-@pytest.mark.parametrize("name,component", [
-    ("encoder.layer.0.attention.self.query.weight", "attn_in"),
-    ("model.layers.3.self_attn.k_proj.weight", "attn_in"),
-    ("visual.transformer.resblocks.0.attn.in_proj_weight", "attn_in"),
-    ("h.0.attn.c_attn.weight", "attn_in"),
-    ("encoder.layer.0.attention.output.dense.weight", "attn_out"),
-    ("model.layers.3.self_attn.o_proj.weight", "attn_out"),
-    ("visual.transformer.resblocks.0.attn.out_proj.weight", "attn_out"),
-    ("h.0.attn.c_proj.weight", "attn_out"),
-    ("encoder.layer.0.intermediate.dense.weight", "mlp_in"),
-    ("model.layers.3.mlp.gate_proj.weight", "mlp_in"),
-    ("vision_model.encoder.layers.0.mlp.fc1.weight", "mlp_in"),
-    ("h.0.mlp.c_fc.weight", "mlp_in"),
-    ("encoder.layer.0.output.dense.weight", "mlp_out"),
-    ("model.layers.3.mlp.down_proj.weight", "mlp_out"),
-    ("h.0.mlp.c_proj.weight", "mlp_out"),
-    ("vision_model.encoder.layers.0.mlp.fc2.weight", "mlp_out"),
-    ("embeddings.word_embeddings.weight", "embeddings"),
-    ("transformer.wte.weight", "embeddings"),
-    ("visual.positional_embedding", "embeddings"),
-    ("encoder.layer.0.output.LayerNorm.weight", "other"),
-    ("pooler.dense.weight", "other"),
-    ("lm_head.weight", "other"),
-])
+@pytest.mark.parametrize(
+    "name,component",
+    [
+        ("encoder.layer.0.attention.self.query.weight", "attn_in"),
+        ("model.layers.3.self_attn.k_proj.weight", "attn_in"),
+        ("visual.transformer.resblocks.0.attn.in_proj_weight", "attn_in"),
+        ("h.0.attn.c_attn.weight", "attn_in"),
+        ("encoder.layer.0.attention.output.dense.weight", "attn_out"),
+        ("model.layers.3.self_attn.o_proj.weight", "attn_out"),
+        ("visual.transformer.resblocks.0.attn.out_proj.weight", "attn_out"),
+        ("h.0.attn.c_proj.weight", "attn_out"),
+        ("encoder.layer.0.intermediate.dense.weight", "mlp_in"),
+        ("model.layers.3.mlp.gate_proj.weight", "mlp_in"),
+        ("vision_model.encoder.layers.0.mlp.fc1.weight", "mlp_in"),
+        ("h.0.mlp.c_fc.weight", "mlp_in"),
+        ("encoder.layer.0.output.dense.weight", "mlp_out"),
+        ("model.layers.3.mlp.down_proj.weight", "mlp_out"),
+        ("h.0.mlp.c_proj.weight", "mlp_out"),
+        ("vision_model.encoder.layers.0.mlp.fc2.weight", "mlp_out"),
+        ("embeddings.word_embeddings.weight", "embeddings"),
+        ("transformer.wte.weight", "embeddings"),
+        ("visual.positional_embedding", "embeddings"),
+        ("encoder.layer.0.output.LayerNorm.weight", "other"),
+        ("pooler.dense.weight", "other"),
+        ("lm_head.weight", "other"),
+    ],
+)
 def test_component_classification(name, component):
     assert classify(name) == component
 
@@ -167,12 +174,26 @@ def ckpts(tmp_path_factory):
 
 
 def config(base, models, **pact):
-    return {"base_model": str(base), "models": [str(m) for m in models], "method": "iso_c",
-            "pact": {"K": 4, "k": 2, **pact}}
+    return {
+        "base_model": str(base),
+        "models": [str(m) for m in models],
+        "method": "iso_c",
+        "pact": {"K": 4, "k": 2, **pact},
+    }
 
 
-PARAM_KEYS = {"intrusion_energy", "core_axis_energy", "sim", "inf", "protect_dim", "removed_energy", "core_residual",
-              "layer", "component", "shape"}
+PARAM_KEYS = {
+    "intrusion_energy",
+    "core_axis_energy",
+    "sim",
+    "inf",
+    "protect_dim",
+    "removed_energy",
+    "core_residual",
+    "layer",
+    "component",
+    "shape",
+}
 
 
 def test_analyze_writes_schema_tables_and_plots(ckpts):
@@ -186,24 +207,35 @@ def test_analyze_writes_schema_tables_and_plots(ckpts):
     assert set(data) == {"parameters", "summary", "tasks", "config"}
     assert data["tasks"] == ["task0", "task1", "task2"]
     T = 3
-    matrices = [n for n in data["parameters"]]
+    matrices = list(data["parameters"])
     assert "encoder.layer.0.attention.query.weight" in matrices and not any(n.endswith(".bias") for n in matrices)
     for name, e in data["parameters"].items():
-        assert PARAM_KEYS <= set(e), name
+        assert set(e) >= PARAM_KEYS, name
         assert len(e["intrusion_energy"]) == T and len(e["removed_energy"]) == T and len(e["protect_dim"]) == T
         assert np.array(e["core_axis_energy"]).shape == (T, 4)
         assert np.array(e["sim"]).shape == (T, T) and np.array(e["inf"]).shape == (T, T)
         assert isinstance(e["component"], str) and len(e["shape"]) == 2
         assert e["layer"] is None or isinstance(e["layer"], int)
     s = data["summary"]
-    for key in ("global", "by_component", "by_layer", "by_layer_component", "worst_by_inf", "worst_by_intrusion", "worst_inf_average"):
+    for key in (
+        "global",
+        "by_component",
+        "by_layer",
+        "by_layer_component",
+        "worst_by_inf",
+        "worst_by_intrusion",
+        "worst_inf_average",
+    ):
         assert key in s, key
     assert len(s["worst_by_inf"]) == 3 and len(s["worst_by_intrusion"]) == 3
     ranked = [r["inf_offdiag_mean"] for r in s["worst_by_inf"]]
     assert ranked == sorted(ranked, reverse=True)
     # The global average is the plain mean over matrices.
-    np.testing.assert_allclose(s["global"]["intrusion_energy"],
-                               np.mean([e["intrusion_energy"] for e in data["parameters"].values()], axis=0), atol=1e-12)
+    np.testing.assert_allclose(
+        s["global"]["intrusion_energy"],
+        np.mean([e["intrusion_energy"] for e in data["parameters"].values()], axis=0),
+        atol=1e-12,
+    )
     assert data["config"]["pact"]["K"] == 4 and data["config"]["pact_configured"]
 
     rows = (out / "parameters.csv").read_text().strip().splitlines()
@@ -253,7 +285,10 @@ def test_analyze_sees_exactly_what_the_merge_filter_sees(ckpts):
 def test_layers_regex_and_errors(ckpts, tmp_path):
     root, base, models = ckpts
     res = analyze(config(base, models), layers=r"layer\.1\..*(query|key)")
-    assert sorted(res["parameters"]) == ["encoder.layer.1.attention.key.weight", "encoder.layer.1.attention.query.weight"]
+    assert sorted(res["parameters"]) == [
+        "encoder.layer.1.attention.key.weight",
+        "encoder.layer.1.attention.query.weight",
+    ]
     with pytest.raises(PactMergeError, match="no 2-D parameter"):
         analyze(config(base, models), layers="nothing-matches-this")
     with pytest.raises(PactMergeError, match="bad regex"):

@@ -77,7 +77,9 @@ def test_collected_bases_are_the_merges_lbw_subspaces(tmp_path, rng):
     """V_{t,LBW} = orth((I - V_{t,k}V_{t,k}^T) V_{0,K}) of the config's streamed tensors (numpy
     reference); random controls of the same dimension in the complement of V_{0,K}; depth honoured."""
     base, models = make_checkpoints(tmp_path, n_models=3, layers=2, hidden=16)
-    cfg = load_config({"base_model": str(base), "models": [str(m) for m in models], "pact": {"K": 4, "k": 2, "depth": 0.5}})
+    cfg = load_config(
+        {"base_model": str(base), "models": [str(m) for m in models], "pact": {"K": 4, "k": 2, "depth": 0.5}}
+    )
     setup = analysis_setup(cfg)
     inputs = open_inputs(cfg)
     try:
@@ -157,7 +159,9 @@ def test_safe_mask_tops_up_outside_the_low_fisher_pool():
 
 def test_set_entries_copies_only_masked_entries():
     w = torch.zeros(3, 4)
-    out = set_entries({"w": w, "v": torch.ones(2)}, {"w": torch.tensor([1, 6])}, {"w": torch.arange(12.0).reshape(3, 4)})
+    out = set_entries(
+        {"w": w, "v": torch.ones(2)}, {"w": torch.tensor([1, 6])}, {"w": torch.arange(12.0).reshape(3, 4)}
+    )
     assert out["w"].reshape(-1).tolist() == [0, 1, 0, 0, 0, 0, 6, 0, 0, 0, 0, 0]
     assert torch.equal(w, torch.zeros(3, 4))
 
@@ -197,7 +201,9 @@ def _task(name, labels, seed, n=(12, 4, 6)):
         for y, lab in enumerate(labels):
             made = 0
             while made < count:
-                t = " ".join(rng.choice(_marker_words(lab)) if rng.random() < 0.5 else rng.choice(FILLER) for _ in range(6))
+                t = " ".join(
+                    rng.choice(_marker_words(lab)) if rng.random() < 0.5 else rng.choice(FILLER) for _ in range(6)
+                )
                 if t not in used:
                     used.add(t)
                     texts.append(t)
@@ -210,11 +216,20 @@ def _task(name, labels, seed, n=(12, 4, 6)):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("studies")
-    words = FILLER + [w for labs in TOPICS.values() for lab in labs for w in _marker_words(lab)] + [
-        lab for labs in TOPICS.values() for lab in labs]
+    words = (
+        FILLER
+        + [w for labs in TOPICS.values() for lab in labs for w in _marker_words(lab)]
+        + [lab for labs in TOPICS.values() for lab in labs]
+    )
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=len(SPECIALS) + len(words), hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=64, max_position_embeddings=40)
+    cfg = transformers.BertConfig(
+        vocab_size=len(SPECIALS) + len(words),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=40,
+    )
     model_dir = root / "base"
     transformers.BertModel(cfg).save_pretrained(model_dir)
     _tokenizer(words).save_pretrained(model_dir)
@@ -228,8 +243,13 @@ def tiny_suite(tiny):
     from pactmerge.eval.finetune import FinetuneConfig
 
     model_dir, tasks, root = tiny
-    return build_suite(tasks, name="tiny", base_model=model_dir, cache_dir=root / "cache",
-                       finetune=FinetuneConfig(steps=8, lr=5e-3, batch_size=8, max_tokens=12))
+    return build_suite(
+        tasks,
+        name="tiny",
+        base_model=model_dir,
+        cache_dir=root / "cache",
+        finetune=FinetuneConfig(steps=8, lr=5e-3, batch_size=8, max_tokens=12),
+    )
 
 
 @pytest.fixture
@@ -254,7 +274,11 @@ def test_fisher_equals_direct_per_sample_gradients(tiny_suite):
     texts, ys = task.splits["train"]
     tok = tokenize(tiny_suite.tokenizer, texts[:5], ys[:5])
     head = tiny_suite.heads["t1"]
-    names = ["encoder.layer.0.attention.self.query.weight", "encoder.layer.1.output.dense.weight", "pooler.dense.weight"]
+    names = [
+        "encoder.layer.0.attention.self.query.weight",
+        "encoder.layer.1.output.dense.weight",
+        "pooler.dense.weight",
+    ]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     got = empirical_fisher(model, head, tok, names)
@@ -290,8 +314,16 @@ def test_studies_end_to_end(tiny, tiny_suite, registered):
 
     _, _, root = tiny
     out = root / "suite-out"
-    res = analyze_suite(out, suite="tiny", config={"pact": {"K": 4, "k": 2}}, ablation=True,
-                        fisher=["t1,t2"], seeds=2, fisher_samples=20, log=lambda m: None)
+    res = analyze_suite(
+        out,
+        suite="tiny",
+        config={"pact": {"K": 4, "k": 2}},
+        ablation=True,
+        fisher=["t1,t2"],
+        seeds=2,
+        fisher_samples=20,
+        log=lambda m: None,
+    )
     assert res["tasks"] == ["t1", "t2"] and res["config"]["suite"] == "tiny"
     name = "encoder.layer.0.attention.self.query.weight"
     assert tiny_suite.evaluator.state[name].equal(tiny_suite.evaluator.base[name])  # evaluator left at the base
@@ -306,7 +338,9 @@ def test_studies_end_to_end(tiny, tiny_suite, registered):
         assert r["finetuned"] == pytest.approx(tiny_suite.accuracy(theta[t], [t])[t])  # the real fine-tune, test split
         assert len(r["random"]) == 2 and r["random_mean"] == pytest.approx(np.mean(r["random"]))
         assert r["drop_lbw"] == pytest.approx(r["finetuned"] - r["lbw"])
-        assert 0 < r["lbw_dims"] <= 4 * 12 and r["lbw_fraction"] == pytest.approx(r["lbw_dims"] / ab["dims"]["input_dims"])
+        assert 0 < r["lbw_dims"] <= 4 * 12 and r["lbw_fraction"] == pytest.approx(
+            r["lbw_dims"] / ab["dims"]["input_dims"]
+        )
         # LBW directions are the base's top singular directions: they carry more weight energy than random ones.
         assert r["energy_removed_lbw"] > r["energy_removed_random"] > 0
     assert len((out / "ablation.csv").read_text().strip().splitlines()) == 1 + 2
@@ -352,12 +386,36 @@ def test_cli_studies_and_errors(tiny, registered, monkeypatch):
     cfg = root / "pact.yaml"
     cfg.write_text(yaml.safe_dump({"pact": {"K": 4, "k": 2}, "base_model": "ignored", "seed": 3}))
     out = root / "cli-out"
-    res = runner.invoke(app, ["analyze", "--suite", "tiny", str(cfg), str(out), "--ablation", "--fisher", "t2,t1",
-                              "--seeds", "1", "--fisher-samples", "8", "--no-progress"])
+    res = runner.invoke(
+        app,
+        [
+            "analyze",
+            "--suite",
+            "tiny",
+            str(cfg),
+            str(out),
+            "--ablation",
+            "--fisher",
+            "t2,t1",
+            "--seeds",
+            "1",
+            "--fisher-samples",
+            "8",
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "subspace ablation" in res.output and "fisher A=t2 B=t1" in res.output
-    assert {"ablation.json", "ablation.csv", "ablation.png", "fisher.json", "fisher.csv", "fisher_attack.png",
-            "metrics.json", "report.md"} <= {p.name for p in out.iterdir()}
+    assert {
+        "ablation.json",
+        "ablation.csv",
+        "ablation.png",
+        "fisher.json",
+        "fisher.csv",
+        "fisher_attack.png",
+        "metrics.json",
+        "report.md",
+    } <= {p.name for p in out.iterdir()}
     fr = json.loads((out / "fisher.json").read_text())["pairs"][0]
     assert fr["samples"] == 8 and fr["seed"] == 3 and fr["seeds"] == 1  # the config's seed is used
     assert json.loads((out / "ablation.json").read_text())["pact"]["K"] == 4

@@ -24,8 +24,14 @@ def ckpts(tmp_path):
 
 
 def write_config(tmp_path, base, models, **extra):
-    cfg = {"base_model": str(base), "models": [{"model": str(m)} for m in models], "method": "iso_c", "alpha": 1.0,
-           "pact": {"K": 6, "k": 3}, **extra}
+    cfg = {
+        "base_model": str(base),
+        "models": [{"model": str(m)} for m in models],
+        "method": "iso_c",
+        "alpha": 1.0,
+        "pact": {"K": 6, "k": 3},
+        **extra,
+    }
     path = tmp_path / "merge.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path, cfg
@@ -108,6 +114,7 @@ def test_overwrite(ckpts):
 
 # --- error cases: one line naming the file and parameter, non-zero exit, no output -------------
 
+
 def _corrupt(kind, tmp_path, base, models):
     """Damage the inputs in one way; return (config overrides, expected message fragments)."""
     shard = sorted(models[1].glob("model-*.safetensors"))[-1]
@@ -154,8 +161,20 @@ def _corrupt(kind, tmp_path, base, models):
     raise AssertionError(kind)
 
 
-ERRORS = ["missing_file", "missing_key", "shape", "nan", "inf", "truncated", "corrupt", "unknown_method",
-          "unknown_parameter", "unknown_key", "K_out_of_range", "k_negative"]
+ERRORS = [
+    "missing_file",
+    "missing_key",
+    "shape",
+    "nan",
+    "inf",
+    "truncated",
+    "corrupt",
+    "unknown_method",
+    "unknown_parameter",
+    "unknown_key",
+    "K_out_of_range",
+    "k_negative",
+]
 
 
 @pytest.mark.parametrize("kind", ERRORS)

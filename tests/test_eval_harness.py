@@ -61,9 +61,11 @@ def _task(name, labels, n=(12, 4, 6), seed=0):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    words = ["the", "a", "of", "and", "to"] + [w for labs in TOPICS.values() for lab in labs for w in _words(lab, 7)] + [
-        lab for labs in TOPICS.values() for lab in labs
-    ]
+    words = (
+        ["the", "a", "of", "and", "to"]
+        + [w for labs in TOPICS.values() for lab in labs for w in _words(lab, 7)]
+        + [lab for labs in TOPICS.values() for lab in labs]
+    )
     torch.manual_seed(0)
     cfg = transformers.BertConfig(
         vocab_size=len(SPECIALS) + len(words),
@@ -82,19 +84,19 @@ def tiny(tmp_path_factory):
 
 def _cfg(tiny, **kw):
     model_dir, _, root = tiny
-    base = dict(
-        tasks=tuple(TOPICS),
-        methods=("zeroshot", "finetuned", "ta", "pact-ta", "isoc"),
-        finetune=ft.FinetuneConfig(steps=6, lr=5e-3, batch_size=8, max_tokens=12),
-        K=4,
-        k=2,
-        cache_dir=root / "cache",
-        out_dir=root / "out",
-        base_model=model_dir,
-        alpha_max=4.0,
-        progress=False,
-        chart=False,
-    )
+    base = {
+        "tasks": tuple(TOPICS),
+        "methods": ("zeroshot", "finetuned", "ta", "pact-ta", "isoc"),
+        "finetune": ft.FinetuneConfig(steps=6, lr=5e-3, batch_size=8, max_tokens=12),
+        "K": 4,
+        "k": 2,
+        "cache_dir": root / "cache",
+        "out_dir": root / "out",
+        "base_model": model_dir,
+        "alpha_max": 4.0,
+        "progress": False,
+        "chart": False,
+    }
     base.update(kw)
     return BenchConfig(**base)
 
@@ -119,7 +121,9 @@ def test_finetune_cache_is_reused(tiny):
     assert os.path.getmtime(p1 / "model.safetensors") == mtime
     assert ft.prepare_base(model_dir, cache) == base  # the base copy is reused too
     # Anything that determines the weights changes the key.
-    p3 = ft.get_finetuned(task, head, base, ft.FinetuneConfig(steps=4, lr=1e-3, batch_size=4, max_tokens=12), cache, tok, progress=False)
+    p3 = ft.get_finetuned(
+        task, head, base, ft.FinetuneConfig(steps=4, lr=1e-3, batch_size=4, max_tokens=12), cache, tok, progress=False
+    )
     assert p3 != p1 and len(ft.TRAINED) == before + 2
     # A cached fine-tune is an ordinary HF folder and differs from the base only in encoder.*
     from safetensors.torch import load_file
@@ -174,7 +178,11 @@ def test_bench_skips_rows_whose_method_is_missing(tiny, monkeypatch):
 def test_bench_writes_a_chart(tiny):
     pytest.importorskip("matplotlib")
     _, tasks, root = tiny
-    run_bench(_cfg(tiny, methods=("zeroshot", "finetuned", "ta"), chart=True, out_dir=root / "chart"), log=lambda m: None, tasks=tasks)
+    run_bench(
+        _cfg(tiny, methods=("zeroshot", "finetuned", "ta"), chart=True, out_dir=root / "chart"),
+        log=lambda m: None,
+        tasks=tasks,
+    )
     png = root / "chart" / "results.png"
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
 
@@ -186,7 +194,11 @@ def test_quick_benchmark_with_minilm(tmp_path):
     from pactmerge.eval.bench import quick_config
 
     cache = os.environ.get("PACTMERGE_CACHE", str(tmp_path / "cache"))
-    report = run_bench(quick_config(methods=("zeroshot", "finetuned", "ta"), cache_dir=cache, out_dir=tmp_path, progress=False, chart=False))
+    report = run_bench(
+        quick_config(
+            methods=("zeroshot", "finetuned", "ta"), cache_dir=cache, out_dir=tmp_path, progress=False, chart=False
+        )
+    )
     rows = {r["key"]: r for r in report["rows"]}
     for t in report["tasks"]:
         assert rows["finetuned"]["test"][t] > rows["zeroshot"]["test"][t], t
@@ -215,7 +227,7 @@ def test_lora_bench_on_a_tiny_model(tiny):
     # The adapters are ordinary PEFT folders; our reading of them equals PEFT's merge_and_unload.
     base_sd = ft.load_model(model_dir).state_dict()
     deltas = []
-    for name, folder in report["finetuned_models"].items():
+    for _name, folder in report["finetuned_models"].items():
         assert json.loads((Path(folder) / "adapter_config.json").read_text())["r"] == 2
         merged = peft.PeftModel.from_pretrained(ft.load_model(model_dir), folder).merge_and_unload().state_dict()
         delta = {n: merged[n] - base_sd[n] for n in base_sd if not torch.equal(merged[n], base_sd[n])}
@@ -224,7 +236,12 @@ def test_lora_bench_on_a_tiny_model(tiny):
         for n, d in delta.items():
             torch.testing.assert_close(ours[n], d, atol=1e-6, rtol=1e-5)
         deltas.append(delta)
-    ta_cfg = bench._row_config(bench.lora_rows(4, 2)[2], Path(report["base_model"]), [Path(p) for p in report["finetuned_models"].values()], cfg)
+    ta_cfg = bench._row_config(
+        bench.lora_rows(4, 2)[2],
+        Path(report["base_model"]),
+        [Path(p) for p in report["finetuned_models"].values()],
+        cfg,
+    )
     ta, _ = bench.merged_task_vector(ta_cfg)
     for n in deltas[0].keys() | deltas[1].keys():
         expected = sum(d.get(n, torch.zeros_like(base_sd[n])) for d in deltas)
@@ -240,7 +257,13 @@ def test_bench_suite_option_selects_the_named_tasks(monkeypatch):
     from pactmerge.eval.tasks import SUITES
 
     seen = {}
-    monkeypatch.setattr(bench, "run_bench", lambda cfg, log: seen.setdefault("tasks", cfg.tasks) and {"tasks": [], "rows": [], "finetune_seconds": 0, "total_seconds": 0})
+    monkeypatch.setattr(
+        bench,
+        "run_bench",
+        lambda cfg, log: (
+            seen.setdefault("tasks", cfg.tasks) and {"tasks": [], "rows": [], "finetune_seconds": 0, "total_seconds": 0}
+        ),
+    )
     bench.bench_command(suite="text12", out=None, progress=False)
     assert seen["tasks"] == SUITES["text12"] and len(seen["tasks"]) == 12
     with pytest.raises(ValueError, match="unknown suite 'text7'; known: text6, text12, text20"):

@@ -96,7 +96,16 @@ def test_leaky_formulas_are_removed(all_tasks):
     assert not any(" -- " in x for n in ("fortune_de_topic", "fortune_es_topic") for x in texts(n))  # attributions
     assert not any(x.endswith("Linus Torvalds") for x in texts("fortune_topic2"))
     assert not any(x.startswith(("Wie man sein Kind", "Letzte Worte")) for x in texts("fortune_de_topic"))
-    for name in ("wn_noun_sense2", "wn_person", "wn_artifact", "wn_communication", "wn_plant", "wn_verb_frame", "gcide_domain", "gcide_domain2"):
+    for name in (
+        "wn_noun_sense2",
+        "wn_person",
+        "wn_artifact",
+        "wn_communication",
+        "wn_plant",
+        "wn_verb_frame",
+        "gcide_domain",
+        "gcide_domain2",
+    ):
         assert not any(x.startswith("(") for x in texts(name)), name
     for name in ("foldoc_topic", "deb_section"):  # templated families are capped at 3 per label
         t = all_tasks[name]
@@ -113,7 +122,7 @@ def test_domain_glosses_do_not_name_their_label(tasks):
 def test_subsample_keeps_balance(tasks):
     small = tasks["wn_pos"].subsample({"train": 7, "validation": 3, "test": 5})
     for s, n in (("train", 7), ("validation", 3), ("test", 5)):
-        assert Counter(small.splits[s][1]) == {c: n for c in range(4)}
+        assert Counter(small.splits[s][1]) == dict.fromkeys(range(4), n)
     assert small.fingerprint() != tasks["wn_pos"].fingerprint()
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pactmerge
-from conftest import decaying, np_pact, np_top_right
+from conftest import np_pact, np_top_right
 from test_methods_extra import as_torch, deltas_of, layer_models, np_kth_largest, np_ties_merge, np_trim, run
 
 
@@ -159,8 +159,14 @@ def test_s_pact_depth(rng):
 @pytest.mark.parametrize("T", [2, 3, 8])
 def test_pact_then_dare_then_ties(rng, T):
     base, models = layer_models(rng, T, m=32, n=28)
-    out = run(base, models, "ties", seed=3, filters=[{"pact": {"K": 6, "k": 3}}, {"dare": {"p": 0.4}}],
-              parameters={"scope": "tensor", "density": 0.5})
+    out = run(
+        base,
+        models,
+        "ties",
+        seed=3,
+        filters=[{"pact": {"K": 6, "k": 3}}, {"dare": {"p": 0.4}}],
+        parameters={"scope": "tensor", "density": 0.5},
+    )
     for k in base:
         ds = deltas_of(base, models, k)
         if base[k].ndim == 2:

@@ -68,7 +68,9 @@ def test_engine_sees_the_1x1_convolutions_as_matrices(tmp_path):
     from pactmerge.engine import open_inputs
 
     base = ib.prepare_image_base(tmp_path / "cache", _random_weights(tmp_path))
-    cfg = load_config({"base_model": str(base.path), "models": [str(base.path)], "method": "task_arithmetic", "exclude": ib.EXCLUDE})
+    cfg = load_config(
+        {"base_model": str(base.path), "models": [str(base.path)], "method": "task_arithmetic", "exclude": ib.EXCLUDE}
+    )
     inputs = open_inputs(cfg)
     try:
         kinds = {p.name: p.kind for p in inputs.plan.params}
@@ -285,16 +287,33 @@ def test_run_image_bench_report_works_with_markdown_table(tmp_path):
     weights = _random_weights(tmp_path)
     tasks = {"a": _tiny_task("a", 3, seed=1), "b": _tiny_task("b", 4, seed=2, rgb=True)}
     cfg = ib.ImageBenchConfig(
-        tasks=tuple(tasks), methods=("zeroshot", "finetuned", "ta", "isoc", "pact-ta"), K=4, k=2,
+        tasks=tuple(tasks),
+        methods=("zeroshot", "finetuned", "ta", "isoc", "pact-ta"),
+        K=4,
+        k=2,
         finetune=ib.ImageFinetuneConfig(steps=2, batch_size=4),  # default heads: cosine
-        bn="task", bn_images=6, bn_rows=True, cache_dir=tmp_path / "cache", out_dir=tmp_path / "out",
-        alpha_max=3.0, progress=False, chart=False,
+        bn="task",
+        bn_images=6,
+        bn_rows=True,
+        cache_dir=tmp_path / "cache",
+        out_dir=tmp_path / "out",
+        alpha_max=3.0,
+        progress=False,
+        chart=False,
     )
     report = ib.run_image_bench(cfg, log=lambda m: None, tasks=tasks, weights=weights)
     assert report["tasks"] == ["a", "b"]
     assert report["finetune_seconds"] >= 0 and report["total_seconds"] >= report["finetune_seconds"]
     keys = [r["key"] for r in report["rows"]]
-    assert keys == ["zeroshot", "finetuned", "zeroshot-bn", "finetuned-bn", "ta", "isoc", "pact-ta"]  # default_rows order
+    assert keys == [
+        "zeroshot",
+        "finetuned",
+        "zeroshot-bn",
+        "finetuned-bn",
+        "ta",
+        "isoc",
+        "pact-ta",
+    ]  # default_rows order
     assert report["rows"][0]["label"] == "zero-shot (cosine class-mean head)"
     heads = list((tmp_path / "cache" / "heads").glob("*.safetensors"))
     assert len(heads) == 2 and all(set(load_file(str(h))) == {"center", "class_means", "scale"} for h in heads)
@@ -305,4 +324,6 @@ def test_run_image_bench_report_works_with_markdown_table(tmp_path):
     assert len(merges) == 3 and all(r["alpha"] is not None and r["alpha_trace"] for r in merges)
     table = markdown_table(report)
     assert "| Task Arithmetic |" in table and "PACT-TA" in table and table.count("\n") == len(report["rows"]) + 1
-    assert (tmp_path / "out" / "results.json").exists() and (tmp_path / "out" / "results.md").read_text().strip() == table
+    assert (tmp_path / "out" / "results.json").exists() and (
+        tmp_path / "out" / "results.md"
+    ).read_text().strip() == table

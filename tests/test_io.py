@@ -22,7 +22,7 @@ def test_sharded_hf_folder_roundtrip(tmp_path):
     sd = base_state(layers=3, hidden=16)
     folder = write_hf_folder(tmp_path / "m", sd, max_shard_bytes=4000)
     index = json.loads((folder / "model.safetensors.index.json").read_text())
-    shards = sorted({f for f in index["weight_map"].values()})
+    shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and shards[0].endswith(f"-of-{len(shards):05d}.safetensors")
     with open_source(folder) as src:
         assert_same_state(src, sd)
@@ -75,8 +75,14 @@ def test_writer_single_shard_named_model_safetensors(tmp_path):
 
 
 def test_writer_streams_into_planned_shards_readable_by_safetensors(tmp_path):
-    tensors = {"a": torch.randn(10, 10), "b": torch.arange(7), "c": torch.randn(3).to(torch.bfloat16),
-               "d": torch.zeros(0, 4), "e": torch.randn(30, 10, dtype=torch.float64), "f": torch.randn(50)}
+    tensors = {
+        "a": torch.randn(10, 10),
+        "b": torch.arange(7),
+        "c": torch.randn(3).to(torch.bfloat16),
+        "d": torch.zeros(0, 4),
+        "e": torch.randn(30, 10, dtype=torch.float64),
+        "f": torch.randn(50),
+    }
     w = ShardedWriter(tmp_path, [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], 500)
     for n, t in tensors.items():
         w.add(n, t)
@@ -99,10 +105,9 @@ def test_writer_rejects_unplanned_tensors(tmp_path):
 
 def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "out"
-    with pytest.raises(RuntimeError):
-        with atomic_output_dir(target) as tmp:
-            (tmp / "partial").write_text("x")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), atomic_output_dir(target) as tmp:
+        (tmp / "partial").write_text("x")
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -110,9 +115,8 @@ def test_atomic_output_dir_overwrite(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "old").write_text("old")
-    with pytest.raises(PactMergeError, match="already exists"):
-        with atomic_output_dir(target):
-            pass
+    with pytest.raises(PactMergeError, match="already exists"), atomic_output_dir(target):
+        pass
     with atomic_output_dir(target, overwrite=True) as tmp:
         (tmp / "new").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

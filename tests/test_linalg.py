@@ -3,7 +3,14 @@ import pytest
 import torch
 
 from conftest import decaying, np_top_right
-from pactmerge.linalg import default_rtol, numerical_rank, orth, polar_factor, randomized_svd, top_right_singular_vectors
+from pactmerge.linalg import (
+    default_rtol,
+    numerical_rank,
+    orth,
+    polar_factor,
+    randomized_svd,
+    top_right_singular_vectors,
+)
 
 
 def proj(v):

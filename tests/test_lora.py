@@ -13,7 +13,12 @@ from pactmerge.errors import PactMergeError
 from pactmerge.lowrank import LowRankDelta, factor_svd, stacked_svd, top_right_lowrank
 
 # module -> (out, in); "model.layers.<i>" so PACT's depth sees layers
-SHAPES = {"model.layers.0.q": (16, 12), "model.layers.0.v": (12, 12), "model.layers.1.q": (16, 12), "model.layers.1.v": (12, 12)}
+SHAPES = {
+    "model.layers.0.q": (16, 12),
+    "model.layers.0.v": (12, 12),
+    "model.layers.1.q": (16, 12),
+    "model.layers.1.v": (12, 12),
+}
 
 
 def base_sd(seed=0):
@@ -29,8 +34,13 @@ def base_sd(seed=0):
 def random_adapter(seed, rank, targets, alpha=None):
     """Factors {module: (A, B)} of a random adapter (B nonzero, unlike PEFT's init)."""
     g = torch.Generator().manual_seed(100 + seed)
-    return {mod: (0.3 * torch.randn(rank, SHAPES[mod][1], generator=g, dtype=torch.float64),
-                  0.3 * torch.randn(SHAPES[mod][0], rank, generator=g, dtype=torch.float64)) for mod in targets}
+    return {
+        mod: (
+            0.3 * torch.randn(rank, SHAPES[mod][1], generator=g, dtype=torch.float64),
+            0.3 * torch.randn(SHAPES[mod][0], rank, generator=g, dtype=torch.float64),
+        )
+        for mod in targets
+    }
 
 
 def write_adapter(folder, factors, rank, alpha, prefix="base_model.model.", **config):
@@ -40,8 +50,17 @@ def write_adapter(folder, factors, rank, alpha, prefix="base_model.model.", **co
         tensors[f"{prefix}{mod}.lora_A.weight"] = a.contiguous()
         tensors[f"{prefix}{mod}.lora_B.weight"] = b.contiguous()
     save_file(tensors, str(folder / "adapter_model.safetensors"))
-    cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": sorted({m.split(".")[-1] for m in factors}),
-           "bias": "none", "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None, **config}
+    cfg = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": sorted({m.split(".")[-1] for m in factors}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        **config,
+    }
     (folder / "adapter_config.json").write_text(json.dumps(cfg))
     return folder
 
@@ -55,7 +74,11 @@ def dense_model(base, factors, scale):
 
 ALL = list(SHAPES)
 # (rank, alpha, targets): different ranks and target modules
-ADAPTERS = [(3, 6.0, ALL), (4, 4.0, ["model.layers.0.q", "model.layers.1.v", "model.layers.1.q"]), (5, 10.0, ["model.layers.0.v", "model.layers.1.q"])]
+ADAPTERS = [
+    (3, 6.0, ALL),
+    (4, 4.0, ["model.layers.0.q", "model.layers.1.v", "model.layers.1.q"]),
+    (5, 10.0, ["model.layers.0.v", "model.layers.1.q"]),
+]
 
 
 def make_inputs(tmp_path, same_targets=False):
@@ -87,7 +110,7 @@ def test_lowrank_path_equals_dense(tmp_path, method, params, filters, with_pact)
     # PACT on a weight that only some adapters target: the dense SVD of a zero update pads
     # V_{t,k} with arbitrary vectors, the low-rank path does not (docs/lora.md) -> same targets.
     base, folders, dense = make_inputs(tmp_path, same_targets=with_pact)
-    cfg = dict(method=method, parameters=params, dtype="float64", alpha=0.7)
+    cfg = {"method": method, "parameters": params, "dtype": "float64", "alpha": 0.7}
     flt = list(filters or [])
     if with_pact:
         flt = [{"pact": {"K": 4, "k": 2}}] + flt
@@ -110,7 +133,12 @@ def test_spectral_methods_return_lowrank(method):
     from pactmerge.registry import ParamContext, ParamInfo, get_method
 
     g = torch.Generator().manual_seed(3)
-    ds = [LowRankDelta(torch.randn(40, 3, generator=g, dtype=torch.float64), torch.randn(3, 30, generator=g, dtype=torch.float64)) for _ in range(3)]
+    ds = [
+        LowRankDelta(
+            torch.randn(40, 3, generator=g, dtype=torch.float64), torch.randn(3, 30, generator=g, dtype=torch.float64)
+        )
+        for _ in range(3)
+    ]
     info = ParamInfo("layers.0.w", (40, 30), torch.float64, "matrix", 0, 1.0)
     ctx = ParamContext(info, 0, [1.0, 0.5, 2.0], [{}] * 3)
     spec = get_method(method)
@@ -135,7 +163,9 @@ def test_factor_svds_and_exact_subspace():
     v = top_right_lowrank(d, 6, "a_rows").numpy()
     ref = np_top_right(d.dense().numpy(), 6)
     np.testing.assert_allclose(v @ v.T, ref @ ref.T, atol=1e-10)
-    d2 = LowRankDelta(torch.randn(50, 2, generator=g, dtype=torch.float64), torch.randn(2, 40, generator=g, dtype=torch.float64))
+    d2 = LowRankDelta(
+        torch.randn(50, 2, generator=g, dtype=torch.float64), torch.randn(2, 40, generator=g, dtype=torch.float64)
+    )
     u, s, vh = stacked_svd([d, d2], [0.5, -2.0])
     np.testing.assert_allclose(((u * s) @ vh).numpy(), (0.5 * d.dense() - 2 * d2.dense()).numpy(), atol=1e-12)
 
@@ -146,7 +176,12 @@ def test_pact_filtered_adapter_stays_low_rank_and_a_rows_option():
 
     g = torch.Generator().manual_seed(9)
     base = torch.randn(30, 24, generator=g, dtype=torch.float64)
-    ds = [LowRankDelta(torch.randn(30, 4, generator=g, dtype=torch.float64), torch.randn(4, 24, generator=g, dtype=torch.float64)) for _ in range(3)]
+    ds = [
+        LowRankDelta(
+            torch.randn(30, 4, generator=g, dtype=torch.float64), torch.randn(4, 24, generator=g, dtype=torch.float64)
+        )
+        for _ in range(3)
+    ]
     info = ParamInfo("layers.0.w", (30, 24), torch.float64, "matrix", 0, 1.0)
     ctx = ParamContext(info, 0, [1.0] * 3, [{}] * 3)
     out = pact(base, ds, ctx, PactParams(K=6, k=3))
@@ -165,12 +200,12 @@ def test_prefix_rule_and_fan_in_fan_out(tmp_path):
     base = base_sd()
     f = random_adapter(0, 3, ["model.layers.0.q", "model.layers.1.v"])
     # base saved without the "model." prefix the adapter's model has
-    stripped = {k[len("model."):]: v for k, v in base.items()}
+    stripped = {k[len("model.") :]: v for k, v in base.items()}
     folder = write_adapter(tmp_path / "a", f, 3, 6.0)
     out = pactmerge.merge(base_model=stripped, models=[str(folder)], dtype="float64")
     ref = dense_model(base, f, 2.0)
     for k, v in ref.items():
-        np.testing.assert_allclose(out[k[len("model."):]].numpy(), v.numpy(), atol=1e-12)
+        np.testing.assert_allclose(out[k[len("model.") :]].numpy(), v.numpy(), atol=1e-12)
     # fan_in_fan_out: the base stores W^T (in, out); the adapter's A is (r, in), B (out, r)
     tbase = {k: (v.mT.contiguous() if v.ndim == 2 else v) for k, v in base.items()}
     folder2 = write_adapter(tmp_path / "b", f, 3, 6.0, fan_in_fan_out=True, use_rslora=True)
@@ -183,12 +218,28 @@ def test_prefix_rule_and_fan_in_fan_out(tmp_path):
 def test_rank_and_alpha_patterns(tmp_path):
     base = base_sd()
     g = torch.Generator().manual_seed(1)
-    f = {"model.layers.0.q": (torch.randn(2, 12, generator=g, dtype=torch.float64), torch.randn(16, 2, generator=g, dtype=torch.float64)),
-         "model.layers.0.v": (torch.randn(4, 12, generator=g, dtype=torch.float64), torch.randn(12, 4, generator=g, dtype=torch.float64))}
+    f = {
+        "model.layers.0.q": (
+            torch.randn(2, 12, generator=g, dtype=torch.float64),
+            torch.randn(16, 2, generator=g, dtype=torch.float64),
+        ),
+        "model.layers.0.v": (
+            torch.randn(4, 12, generator=g, dtype=torch.float64),
+            torch.randn(12, 4, generator=g, dtype=torch.float64),
+        ),
+    }
     folder = write_adapter(tmp_path / "a", f, 4, 8.0, rank_pattern={"q": 2}, alpha_pattern={"layers.0.q": 1.0})
     out = pactmerge.merge(base_model=base, models=[str(folder)], dtype="float64")
-    np.testing.assert_allclose(out["model.layers.0.q.weight"].numpy(), (base["model.layers.0.q.weight"] + 0.5 * f["model.layers.0.q"][1] @ f["model.layers.0.q"][0]).numpy(), atol=1e-12)
-    np.testing.assert_allclose(out["model.layers.0.v.weight"].numpy(), (base["model.layers.0.v.weight"] + 2.0 * f["model.layers.0.v"][1] @ f["model.layers.0.v"][0]).numpy(), atol=1e-12)
+    np.testing.assert_allclose(
+        out["model.layers.0.q.weight"].numpy(),
+        (base["model.layers.0.q.weight"] + 0.5 * f["model.layers.0.q"][1] @ f["model.layers.0.q"][0]).numpy(),
+        atol=1e-12,
+    )
+    np.testing.assert_allclose(
+        out["model.layers.0.v.weight"].numpy(),
+        (base["model.layers.0.v.weight"] + 2.0 * f["model.layers.0.v"][1] @ f["model.layers.0.v"][0]).numpy(),
+        atol=1e-12,
+    )
 
 
 def test_mixed_full_finetune_and_adapter(tmp_path):
@@ -226,12 +277,21 @@ def _err_case(tmp_path, case):
         cfg = {"modules_to_save": ["classifier"]}
     folder = write_adapter(tmp_path / "ad", f, 3, 6.0, prefix=prefix, **cfg)
     if case == "embedding":
-        save_file({"base_model.model.embed.lora_embedding_A.default": a, "base_model.model.embed.lora_embedding_B.default": b},
-                  str(folder / "adapter_model.safetensors"))
+        save_file(
+            {
+                "base_model.model.embed.lora_embedding_A.default": a,
+                "base_model.model.embed.lora_embedding_B.default": b,
+            },
+            str(folder / "adapter_model.safetensors"),
+        )
     if case == "conv":
-        save_file({"base_model.model.model.layers.0.q.lora_A.weight": a[:, :, None, None].contiguous(),
-                   "base_model.model.model.layers.0.q.lora_B.weight": b[:, :, None, None].contiguous()},
-                  str(folder / "adapter_model.safetensors"))
+        save_file(
+            {
+                "base_model.model.model.layers.0.q.lora_A.weight": a[:, :, None, None].contiguous(),
+                "base_model.model.model.layers.0.q.lora_B.weight": b[:, :, None, None].contiguous(),
+            },
+            str(folder / "adapter_model.safetensors"),
+        )
     return folder
 
 
@@ -253,7 +313,10 @@ ERRORS = {
 def test_adapter_errors_before_writing(tmp_path, case):
     folder = _err_case(tmp_path, case)
     out = tmp_path / "out" / "merged"
-    with pytest.raises(PactMergeError, match=ERRORS[case].replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        PactMergeError,
+        match=ERRORS[case].replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)"),
+    ):
         pactmerge.merge({"base_model": base_sd(), "models": [str(folder)]}, out)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
@@ -301,7 +364,9 @@ def peft_adapter(folder, seed, r, alpha, targets, safe=True, **kw):
 @pytest.mark.parametrize("safe", [True, False])
 def test_peft_adapter_read_like_merge_and_unload(tmp_path, safe):
     base = {k: v.detach().clone() for k, v in tiny().state_dict().items()}
-    merged_by_peft = peft_adapter(tmp_path / "a", 1, 4, 8, ["q", "v"], safe, rank_pattern={"layers.1.v": 2}, alpha_pattern={"v": 3})
+    merged_by_peft = peft_adapter(
+        tmp_path / "a", 1, 4, 8, ["q", "v"], safe, rank_pattern={"layers.1.v": 2}, alpha_pattern={"v": 3}
+    )
     assert (tmp_path / "a" / ("adapter_model.safetensors" if safe else "adapter_model.bin")).is_file()
     ours = pactmerge.merge(base_model=base, models=[str(tmp_path / "a")], dtype="float64")
     for k, v in merged_by_peft.items():
@@ -313,8 +378,14 @@ def test_output_adapter_loads_in_peft(tmp_path, method, params, rank):
     base = {k: v.detach().clone() for k, v in tiny().state_dict().items()}
     peft_adapter(tmp_path / "a", 1, 4, 8, ["q", "v"])
     peft_adapter(tmp_path / "b", 2, 2, 2, ["q"])
-    cfg = dict(base_model=base, models=[str(tmp_path / "a"), str(tmp_path / "b")], method=method, parameters=params,
-               dtype="float64", alpha=0.8)
+    cfg = {
+        "base_model": base,
+        "models": [str(tmp_path / "a"), str(tmp_path / "b")],
+        "method": method,
+        "parameters": params,
+        "dtype": "float64",
+        "alpha": 0.8,
+    }
     dense = pactmerge.merge(**cfg)
     out = pactmerge.merge(dict(cfg, output="adapter", adapter_rank=rank), tmp_path / "out")
     card = (out / "README.md").read_text()
@@ -339,9 +410,17 @@ def test_output_adapter_fan_in_fan_out_round_trip(tmp_path):
     # The base stores W^T; the output adapter must say fan_in_fan_out and transpose its factors.
     base = base_sd()
     tbase = {k: (v.mT.contiguous() if v.ndim == 2 else v) for k, v in base.items()}
-    folders = [write_adapter(tmp_path / f"a{i}", random_adapter(i, r, ALL), r, 2.0 * r, fan_in_fan_out=True)
-               for i, r in enumerate((2, 3))]
-    cfg = dict(base_model=tbase, models=[str(f) for f in folders], method="iso_c", dtype="float64", alpha=0.5)
+    folders = [
+        write_adapter(tmp_path / f"a{i}", random_adapter(i, r, ALL), r, 2.0 * r, fan_in_fan_out=True)
+        for i, r in enumerate((2, 3))
+    ]
+    cfg = {
+        "base_model": tbase,
+        "models": [str(f) for f in folders],
+        "method": "iso_c",
+        "dtype": "float64",
+        "alpha": 0.5,
+    }
     dense = pactmerge.merge(**cfg)
     out = pactmerge.merge(dict(cfg, output="adapter"), tmp_path / "out")
     assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True

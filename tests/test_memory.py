@@ -24,8 +24,13 @@ def big_checkpoints(tmp_path_factory):
     base = {f"layers.{i}.w": torch.randn(ROWS, COLS, generator=g) for i in range(N_PARAMS)}
     paths = [write_hf_folder(root / "base", base, max_shard_bytes=16 * 2**20)]
     for t in range(T):
-        paths.append(write_hf_folder(root / f"m{t}", {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()},
-                                     max_shard_bytes=16 * 2**20))
+        paths.append(
+            write_hf_folder(
+                root / f"m{t}",
+                {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()},
+                max_shard_bytes=16 * 2**20,
+            )
+        )
     return root, paths
 
 
@@ -58,8 +63,12 @@ def test_peak_memory_is_bounded_by_largest_tensor(big_checkpoints, tmp_path, met
     cfg = {"base_model": str(base), "models": [str(m) for m in models], "method": method, "max_shard_size": 8 * 2**20}
     if pact:
         cfg["pact"] = pact
-    res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg), str(tmp_path / "out")],
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(cfg), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr
     growth = json.loads(res.stdout.strip().splitlines()[-1])["growth"]
     tensor = ROWS * COLS * 4

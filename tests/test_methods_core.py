@@ -28,8 +28,13 @@ def np_iso_c(msum: np.ndarray, rank_aware: bool) -> np.ndarray:
 def test_task_arithmetic_matches_formula(rng, T):
     base, models, b, ms = layer_models(rng, T)
     weights = list(rng.uniform(0.2, 1.5, T))
-    out = pactmerge.merge(base_model=b, models=[{"model": m, "weight": w} for m, w in zip(ms, weights)],
-                          method="task_arithmetic", alpha=0.7, dtype="float64")
+    out = pactmerge.merge(
+        base_model=b,
+        models=[{"model": m, "weight": w} for m, w in zip(ms, weights)],
+        method="task_arithmetic",
+        alpha=0.7,
+        dtype="float64",
+    )
     for k in base:
         ref = base[k] + 0.7 * sum(w * (m[k] - base[k]) for m, w in zip(models, weights))
         np.testing.assert_allclose(out[k].numpy(), ref, atol=1e-12)
@@ -39,8 +44,9 @@ def test_task_arithmetic_matches_formula(rng, T):
 @pytest.mark.parametrize("rank_aware", [True, False])
 def test_iso_c_matches_formula(rng, T, rank_aware):
     base, models, b, ms = layer_models(rng, T)
-    out = pactmerge.merge(base_model=b, models=ms, method="iso_c", alpha=1.3, dtype="float64",
-                          parameters={"rank_aware": rank_aware})
+    out = pactmerge.merge(
+        base_model=b, models=ms, method="iso_c", alpha=1.3, dtype="float64", parameters={"rank_aware": rank_aware}
+    )
     for k in base:
         deltas = [m[k] - base[k] for m in models]
         merged = np.mean(deltas, axis=0) if base[k].ndim == 1 else np_iso_c(sum(deltas), rank_aware)
@@ -59,7 +65,7 @@ def test_iso_c_merged_delta_has_equal_singular_values(rng):
 def _pact_iso_setup(rng, T=8, m=96, n=96, K=15, k=8):
     base = decaying(rng, m, n, decay=0.9)
     deltas = [0.05 * decaying(rng, m, n, decay=0.93) for _ in range(T)]
-    return base, deltas, dict(K=K, k=k)
+    return base, deltas, {"K": K, "k": k}
 
 
 def _common_null_space(filtered: list[np.ndarray], tol=1e-8) -> np.ndarray:
@@ -80,7 +86,7 @@ def test_default_pact_iso_c_writes_nothing_into_the_protected_core(rng):
 
     sd0 = {"l.0.w": t64(base)}
     models = [{"l.0.w": t64(base + d)} for d in deltas]
-    common = dict(base_model=sd0, models=models, method="iso_c", dtype="float64", pact=kk)
+    common = {"base_model": sd0, "models": models, "method": "iso_c", "dtype": "float64", "pact": kk}
     well = pactmerge.merge(**common)["l.0.w"].numpy() - base
     literal = pactmerge.merge(**common, parameters={"rank_aware": False})["l.0.w"].numpy() - base
     assert np.linalg.norm(well @ null) < 1e-9 * np.linalg.norm(well)
@@ -98,7 +104,9 @@ def test_default_pact_spectral_methods_are_stable_under_float32_rounding(rng, me
     base, deltas, kk = _pact_iso_setup(rng, T=6, m=64, n=64)
     sd0 = {"l.0.w": t64(base)}
     models = [{"l.0.w": t64(base + d)} for d in deltas]
-    ref = pactmerge.merge(base_model=sd0, models=models, method=method, dtype="float64", pact=kk)["l.0.w"].numpy() - base
+    ref = (
+        pactmerge.merge(base_model=sd0, models=models, method=method, dtype="float64", pact=kk)["l.0.w"].numpy() - base
+    )
     sd0_32 = {"l.0.w": t64(base).float()}
     models_32 = [{"l.0.w": m["l.0.w"].float()} for m in models]
     got = pactmerge.merge(base_model=sd0_32, models=models_32, method=method, dtype="float32", pact=kk)["l.0.w"]

@@ -12,8 +12,12 @@ from conftest import decaying, np_top_right
 
 
 def layer_models(rng, T, m=24, n=20):
-    base = {"blk.0.w": decaying(rng, m, n), "blk.0.b": rng.standard_normal(n), "blk.1.w": decaying(rng, n, m),
-            "head.w": decaying(rng, 6, n)}
+    base = {
+        "blk.0.w": decaying(rng, m, n),
+        "blk.0.b": rng.standard_normal(n),
+        "blk.1.w": decaying(rng, n, m),
+        "head.w": decaying(rng, 6, n),
+    }
     models = [{k: v + 0.05 * rng.standard_normal(v.shape) for k, v in base.items()} for _ in range(T)]
     return base, models
 
@@ -96,17 +100,32 @@ def np_ties_merge(trimmed, w, aggregate):
 def test_ties_tensor_scope_matches_formula(rng, T, aggregate, rule):
     base, models = layer_models(rng, T)
     w = rng.uniform(0.5, 1.5, T)
-    out = run(base, models, "ties", weights=w, alpha=0.8,
-              parameters={"scope": "tensor", "density": 0.3, "aggregate": aggregate, "trim_count": rule})
+    out = run(
+        base,
+        models,
+        "ties",
+        weights=w,
+        alpha=0.8,
+        parameters={"scope": "tensor", "density": 0.3, "aggregate": aggregate, "trim_count": rule},
+    )
     for k in base:
         ds = deltas_of(base, models, k)
         trimmed = [np_trim(d, np_kth_largest(d, np_count(d.size, 0.3, rule))) for d in ds]
         np.testing.assert_allclose(out[k], base[k] + 0.8 * np_ties_merge(trimmed, w, aggregate), atol=1e-12)
 
 
-@pytest.mark.parametrize("T,dtype,collect", [(1, "float64", True), (2, "float64", True), (3, "float32", True),
-                                              (8, "float64", True), (8, "float32", True),
-                                              (3, "float64", False), (3, "float32", False)])
+@pytest.mark.parametrize(
+    "T,dtype,collect",
+    [
+        (1, "float64", True),
+        (2, "float64", True),
+        (3, "float32", True),
+        (8, "float64", True),
+        (8, "float32", True),
+        (3, "float64", False),
+        (3, "float32", False),
+    ],
+)
 def test_ties_model_scope_equals_whole_model_topk(rng, monkeypatch, T, dtype, collect):
     if not collect:  # force the radix selection through every 16-bit digit instead of collecting
         monkeypatch.setattr(ties_mod, "_COLLECT", -1)
@@ -119,7 +138,9 @@ def test_ties_model_scope_equals_whole_model_topk(rng, monkeypatch, T, dtype, co
     taus = []
     for t in range(T):
         if dtype == "float32":  # the engine subtracts in float32
-            flat = np.concatenate([(models[t][k].astype(np.float32) - base[k].astype(np.float32)).ravel() for k in keys])
+            flat = np.concatenate(
+                [(models[t][k].astype(np.float32) - base[k].astype(np.float32)).ravel() for k in keys]
+            )
         else:
             flat = np.concatenate([(models[t][k] - base[k]).ravel() for k in keys])
         taus.append(np_kth_largest(flat, int(0.2 * flat.size)))
@@ -208,11 +229,17 @@ def test_consensus_model_scope_ties(rng):
     base, models = layer_models(rng, 3)
     out = run(base, models, "consensus", parameters={"base_method": "ties", "lambda": 0.3, "ties": {"scope": "model"}})
     keys = list(base)
-    taus = [np_kth_largest(np.concatenate([(m[k] - base[k]).ravel() for k in keys]),
-                           int(0.2 * sum(base[k].size for k in keys))) for m in models]
+    taus = [
+        np_kth_largest(
+            np.concatenate([(m[k] - base[k]).ravel() for k in keys]), int(0.2 * sum(base[k].size for k in keys))
+        )
+        for m in models
+    ]
     for k in keys:
         ds = deltas_of(base, models, k)
-        ref = np_consensus_mask(ds, [0.3] * 3, 2) * np_ties_merge([np_trim(d, t) for d, t in zip(ds, taus)], [1.0] * 3, "mean")
+        ref = np_consensus_mask(ds, [0.3] * 3, 2) * np_ties_merge(
+            [np_trim(d, t) for d, t in zip(ds, taus)], [1.0] * 3, "mean"
+        )
         np.testing.assert_allclose(out[k] - base[k], ref, atol=1e-12)
 
 
@@ -237,7 +264,11 @@ def np_tsv(ds, literal=True):
         us.append(u[:, :keep]), ss.append(s[:keep]), vs.append(vt[:keep].T)
     if k == 0:  # T > min(m, n): no task keeps a triplet
         return np.zeros((m, n))
-    return np_polar(np.concatenate(us, 1), literal) @ np.diag(np.concatenate(ss)) @ np_polar(np.concatenate(vs, 1), literal).T
+    return (
+        np_polar(np.concatenate(us, 1), literal)
+        @ np.diag(np.concatenate(ss))
+        @ np_polar(np.concatenate(vs, 1), literal).T
+    )
 
 
 @pytest.mark.parametrize("T", [1, 2, 3, 8])

@@ -63,7 +63,7 @@ def test_pact_identity_cases(rng):
 @pytest.mark.parametrize("T,K,k", [(3, 4, 2), (4, 15, 8), (8, 15, 8)])
 def test_pact_removes_the_whole_core_once_others_cover_it(rng, T, K, k):
     """With (T-1)(K-k) >= K the other tasks' LBW subspaces jointly contain the whole core V_{0,K},
-    so every filtered task vector annihilates it (shared/notes/pact-composition.md)."""
+    so every filtered task vector annihilates it (README, "Composing PACT with spectrum-flattening methods")."""
     base, deltas = make_layer(rng, T, m=64, n=60)
     b, ds = t64(base), [t64(d) for d in deltas]
     out = run_pact(b, ds, K=K, k=k)
@@ -96,7 +96,7 @@ def test_pact_depth_and_vectors_through_the_engine(rng):
     sd0 = {f"layer.{i}.w": t64(decaying(rng, 20, 18)) for i in range(4)}
     sd0["layer.0.b"] = t64(rng.standard_normal(18))
     models = [{k: v + 0.05 * t64(rng.standard_normal(tuple(v.shape))) for k, v in sd0.items()} for _ in range(3)]
-    common = dict(base_model=sd0, models=models, method="task_arithmetic", dtype="float64")
+    common = {"base_model": sd0, "models": models, "method": "task_arithmetic", "dtype": "float64"}
     ta = pactmerge.merge(**common)
     filtered = pactmerge.merge(**common, pact={"K": 6, "k": 3, "depth": 0.5})
     assert torch.equal(filtered["layer.0.b"], ta["layer.0.b"])  # vector: bypass
@@ -104,7 +104,9 @@ def test_pact_depth_and_vectors_through_the_engine(rng):
         assert torch.equal(filtered[f"layer.{i}.w"], ta[f"layer.{i}.w"])
     for i in (0, 1):
         assert not torch.allclose(filtered[f"layer.{i}.w"], ta[f"layer.{i}.w"])
-        ref = np_pact(sd0[f"layer.{i}.w"].numpy(), [m[f"layer.{i}.w"].numpy() - sd0[f"layer.{i}.w"].numpy() for m in models], 6, 3)
+        ref = np_pact(
+            sd0[f"layer.{i}.w"].numpy(), [m[f"layer.{i}.w"].numpy() - sd0[f"layer.{i}.w"].numpy() for m in models], 6, 3
+        )
         np.testing.assert_allclose(filtered[f"layer.{i}.w"].numpy(), sd0[f"layer.{i}.w"].numpy() + sum(ref), atol=1e-10)
     one = pactmerge.merge(base_model=sd0, models=models[:1], dtype="float64", pact={"K": 6, "k": 3})
     for k in sd0:

@@ -7,7 +7,7 @@ Public API (see README):
 
 __version__ = "0.1.0"
 
-from pactmerge.errors import PactMergeError  # noqa: E402
+from pactmerge.errors import PactMergeError
 
 __all__ = ["__version__", "PactMergeError", "merge", "MergeConfig"]
 

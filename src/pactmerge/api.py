@@ -96,7 +96,11 @@ def _write_adapter(inputs, output_dir: Path, device, overwrite: bool, progress: 
             if merged is not None
         )
         report = write_adapter(
-            tmp, updates, max_rank=cfg.adapter_rank, fan_in_fan_out=layouts == {True}, base_name=base_name,
+            tmp,
+            updates,
+            max_rank=cfg.adapter_rank,
+            fan_in_fan_out=layouts == {True},
+            base_name=base_name,
             dtype_of=lambda info: out_dtype or info.dtype,
         )
         (tmp / "pactmerge_config.yaml").write_text(config_to_yaml(cfg))
@@ -110,8 +114,11 @@ def _adapter_section(report, max_rank) -> str:
         "## LoRA adapter",
         "",
         f"{len(report.modules)} target modules; "
-        + ("exact: every update is written at its numerical rank." if report.exact
-           else f"truncated to adapter_rank = {max_rank} where the update's rank is higher (energy kept below)."),
+        + (
+            "exact: every update is written at its numerical rank."
+            if report.exact
+            else f"truncated to adapter_rank = {max_rank} where the update's rank is higher (energy kept below)."
+        ),
         "",
         "| module | rank written | numerical rank | energy kept |",
         "|---|---|---|---|",
@@ -142,7 +149,8 @@ def _merge_card(cfg: MergeConfig, inputs, files: list[str], copied: list[str], s
         "",
         f"- base model: `{label(inputs.base)}`",
         *[f"- model {i}: `{label(s)}` (weight {m.weight})" for i, (s, m) in enumerate(zip(inputs.models, cfg.models))],
-        f"- {len(inputs.plan.params)} parameters in {len(files)} file(s); copied from the base folder: {', '.join(copied) or 'none'}",
+        f"- {len(inputs.plan.params)} parameters in {len(files)} file(s); copied from the base folder:"
+        f" {', '.join(copied) or 'none'}",
         f"- merge time: {seconds:.1f} s",
         "",
         "## Configuration",
@@ -157,8 +165,9 @@ def _merge_card(cfg: MergeConfig, inputs, files: list[str], copied: list[str], s
 
 def dry_run(config: MergeConfig | dict | str | os.PathLike, progress: bool = False) -> str:
     """Validate every input fully (keys, shapes, dtypes, and every tensor finite) and return the plan."""
-    from tqdm.auto import tqdm
     import sys
+
+    from tqdm.auto import tqdm
 
     from pactmerge.plan import check_finite
 

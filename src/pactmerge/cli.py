@@ -11,7 +11,9 @@ import typer
 from pactmerge import __version__
 from pactmerge.errors import PactMergeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Merge fine-tuned models without training (PACT and friends).")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Merge fine-tuned models without training (PACT and friends)."
+)
 
 
 class Device(str, Enum):
@@ -76,13 +78,20 @@ app.command("analyze")(analyze_command)
 
 @app.command("bench")
 def bench(
-    suite: str = typer.Option(None, help="Named suite: text6 (default), text12, text20 (MiniLM, text), image (EfficientNet-Lite0)."),
+    suite: str = typer.Option(
+        None, help="Named suite: text6 (default), text12, text20 (MiniLM, text), image (EfficientNet-Lite0)."
+    ),
     tasks: str = typer.Option(None, help="Comma-separated tasks (default: the text6 suite)."),
     methods: str = typer.Option(None, help="Comma-separated row keys, e.g. ta,pact-ta,isoc (default: all)."),
     steps: int = typer.Option(None, help="Fine-tuning steps per task (default 120, image 300; 30 with --quick)."),
     seed: int = typer.Option(0, help="Fine-tuning seed."),
-    cache_dir: Path = typer.Option(None, help="Fine-tune cache (default $PACTMERGE_CACHE or ~/.cache/pactmerge/bench)."),
-    out: Path = typer.Option(None, help="Folder for results.json, results.md, results.png (default bench_out, bench_out_lora, bench_out_image)."),
+    cache_dir: Path = typer.Option(
+        None, help="Fine-tune cache (default $PACTMERGE_CACHE or ~/.cache/pactmerge/bench)."
+    ),
+    out: Path = typer.Option(
+        None,
+        help="Folder for results.json, results.md, results.png (default bench_out, bench_out_lora, bench_out_image).",
+    ),
     quick: bool = typer.Option(False, "--quick", help="Smoke run: few steps, few items, headline rows."),
     pact_rank: str = typer.Option(None, help="PACT K,k (default 15,8; 7,4 with --lora; CSP rank and S-PACT K use K)."),
     alpha_max: float = typer.Option(20.0, help="Upper limit of the extended alpha search."),
@@ -95,8 +104,18 @@ def bench(
 
     try:
         bench_command(
-            tasks=tasks, methods=methods, steps=steps, seed=seed, cache_dir=cache_dir, out=out,
-            quick=quick, pact_rank=pact_rank, alpha_max=alpha_max, progress=progress, lora=lora, suite=suite,
+            tasks=tasks,
+            methods=methods,
+            steps=steps,
+            seed=seed,
+            cache_dir=cache_dir,
+            out=out,
+            quick=quick,
+            pact_rank=pact_rank,
+            alpha_max=alpha_max,
+            progress=progress,
+            lora=lora,
+            suite=suite,
             image_head=image_head,
         )
     except (PactMergeError, ValueError) as e:

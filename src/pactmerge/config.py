@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pactmerge.errors import PactMergeError
 from pactmerge.registry import Spec, get_filter, get_method
 
-ModelRef = Union[str, os.PathLike, Mapping]  # a path, or an in-memory state dict (Python API)
+ModelRef = str | os.PathLike | Mapping  # a path, or an in-memory state dict (Python API)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -46,12 +46,12 @@ class MergeConfig(BaseModel):
     alpha: float = 1.0
     parameters: dict[str, Any] = Field(default_factory=dict)
     pact: dict[str, Any] | None = None
-    filters: list[Union[str, dict[str, dict[str, Any]]]] | None = None
+    filters: list[str | dict[str, dict[str, Any]]] | None = None
     exclude: list[str] = Field(default_factory=list)
     dtype: Literal["float32", "float64"] = "float32"
     out_dtype: Literal["float32", "float64", "float16", "bfloat16"] | None = None
     seed: int = 0
-    max_shard_size: Union[int, str] = "2GB"
+    max_shard_size: int | str = "2GB"
     # `adapter`: write the merged update as a PEFT LoRA adapter folder instead of dense weights
     # (pactmerge.io.adapter_writer); rank = the update's numerical rank, at most `adapter_rank`.
     output: Literal["dense", "adapter"] = "dense"

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from pactmerge.config import DTYPES, MergeConfig
 from pactmerge.errors import PactMergeError
 from pactmerge.io.sources import Source
-from pactmerge.lowrank import LowRankDelta, add_to, densify, tensors_of
+from pactmerge.lowrank import Delta, add_to, densify, tensors_of
 from pactmerge.plan import Plan, build_plan, check_finite, make_context
 from pactmerge.registry import ParamContext, ParamInfo
 
@@ -68,7 +68,11 @@ def open_inputs(cfg: MergeConfig) -> MergeInputs:
         models = []
         for i, entry in enumerate(cfg.models):
             # A PEFT adapter folder is read over the base (its update is s B A; see io/lora.py).
-            src = open_adapter(entry.model, base) if is_adapter(entry.model) else open_source(entry.model, f"<in-memory model {i}>")
+            src = (
+                open_adapter(entry.model, base)
+                if is_adapter(entry.model)
+                else open_source(entry.model, f"<in-memory model {i}>")
+            )
             opened.append(src)
             models.append(src)
         plan = build_plan(cfg, base, models)
@@ -94,7 +98,7 @@ def check_plan(inputs: MergeInputs) -> None:
 
 def _read_deltas(
     inputs: MergeInputs, info: ParamInfo, device: torch.device, lowrank: bool = False
-) -> tuple[Tensor, list[Tensor | LowRankDelta]]:
+) -> tuple[Tensor, list[Delta]]:
     """``(theta_0, [Delta_t])`` of one parameter in the compute dtype on ``device``. An adapter's
     update of a 2-D weight is a :class:`LowRankDelta` when ``lowrank``, else dense."""
     from pactmerge.io.lora import LoraSource
@@ -104,7 +108,7 @@ def _read_deltas(
     check_finite(raw, inputs.base.file_of(info.name), info.name)
     base = raw.to(device=device, dtype=dtype)
     del raw
-    deltas = []
+    deltas: list[Delta] = []
     for src in inputs.models:
         if isinstance(src, LoraSource):
             d = src.lowrank_delta(info.name, device, dtype)
@@ -128,7 +132,7 @@ def _as_accepted(spec, deltas: list) -> list:
     return deltas if spec.lowrank else densify(deltas)
 
 
-def _apply_filters(filters, base, deltas, ctx, upto: int | None = None) -> list[Tensor]:
+def _apply_filters(filters, base, deltas, ctx, upto: int | None = None) -> list[Delta]:
     for spec, params in filters[:upto]:
         deltas = spec.fn(base, _as_accepted(spec, deltas), ctx, params)
     return deltas
@@ -165,8 +169,14 @@ def _run_prepare_passes(inputs: MergeInputs, device: torch.device, progress: boo
 
         def stream(position=position, spec=spec):
             # Each iteration over the stream is one full pass, with its own progress bar.
-            for info in tqdm(merged_params, desc=f"{spec.name}: statistics pass", unit="param",
-                             disable=not progress, file=sys.stderr, leave=False):
+            for info in tqdm(
+                merged_params,
+                desc=f"{spec.name}: statistics pass",
+                unit="param",
+                disable=not progress,
+                file=sys.stderr,
+                leave=False,
+            ):
                 ctx = make_context(cfg, info, stats)
                 base, deltas = _read_deltas(inputs, info, device, lowrank=True)
                 yield ctx, base, _as_accepted(spec, _apply_filters(filters, base, deltas, ctx, upto=position))
@@ -177,7 +187,7 @@ def _run_prepare_passes(inputs: MergeInputs, device: torch.device, progress: boo
 
 def iter_merged_deltas(
     inputs: MergeInputs, device: str | torch.device = "cpu", progress: bool = False, lowrank: bool = False
-) -> Iterator[tuple[ParamInfo, Tensor, Tensor | None]]:
+) -> Iterator[tuple[ParamInfo, Tensor, Delta | None]]:
     """Yield ``(info, base, merged_delta)`` per parameter, in the plan's order.
 
     ``base`` and ``merged_delta`` are in the compute dtype on ``device``; ``merged_delta`` is None
@@ -209,8 +219,7 @@ def output_layout(inputs: MergeInputs) -> list[tuple[str, tuple[int, ...], torch
     """``(name, shape, dtype)`` of every tensor :func:`iter_merged_params` will yield, in order."""
     out_dtype = DTYPES[inputs.cfg.out_dtype] if inputs.cfg.out_dtype else None
     return [
-        (p.name, p.shape, p.dtype if (p.kind == "copy" or out_dtype is None) else out_dtype)
-        for p in inputs.plan.params
+        (p.name, p.shape, p.dtype if (p.kind == "copy" or out_dtype is None) else out_dtype) for p in inputs.plan.params
     ]
 
 

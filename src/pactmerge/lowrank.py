@@ -20,7 +20,9 @@ Cost: O((m + n) R^2 + R^3) instead of O(m n min(m, n)).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeAlias, TypeGuard
 
 import torch
 from torch import Tensor
@@ -61,32 +63,35 @@ class LowRankDelta:
         """The ``(m, n)`` matrix ``B A``."""
         return self.B @ self.A
 
-    def scaled(self, w: float) -> "LowRankDelta":
+    def scaled(self, w: float) -> LowRankDelta:
         return self if w == 1.0 else LowRankDelta(self.B * w, self.A)
 
-    def to(self, device=None, dtype=None) -> "LowRankDelta":
+    def to(self, device=None, dtype=None) -> LowRankDelta:
         return LowRankDelta(self.B.to(device=device, dtype=dtype), self.A.to(device=device, dtype=dtype))
+
+
+Delta: TypeAlias = "Tensor | LowRankDelta"  # a task vector: dense, or a LoRA update as its factors
 
 
 def is_lowrank(x) -> bool:
     return isinstance(x, LowRankDelta)
 
 
-def all_lowrank(deltas: list) -> bool:
+def all_lowrank(deltas: Sequence[Delta]) -> TypeGuard[list[LowRankDelta]]:
     return bool(deltas) and all(isinstance(d, LowRankDelta) for d in deltas)
 
 
-def densify(deltas: list) -> list[Tensor]:
+def densify(deltas: Sequence[Delta]) -> list[Tensor]:
     """The same list with every :class:`LowRankDelta` replaced by its dense matrix."""
     return [d.dense() if isinstance(d, LowRankDelta) else d for d in deltas]
 
 
-def tensors_of(x) -> list[Tensor]:
+def tensors_of(x: Delta) -> list[Tensor]:
     """The tensors ``x`` is stored as (its factors, or itself): for finiteness checks."""
     return [x.B, x.A] if isinstance(x, LowRankDelta) else [x]
 
 
-def add_to(base: Tensor, delta, alpha: float = 1.0) -> Tensor:
+def add_to(base: Tensor, delta: Delta, alpha: float = 1.0) -> Tensor:
     """``base += alpha * delta`` in place; a low-rank delta is added without forming it first."""
     if isinstance(delta, LowRankDelta):
         return base.addmm_(delta.B, delta.A, alpha=alpha)
@@ -122,7 +127,7 @@ def top_right_lowrank(d: LowRankDelta, k: int, mode: str = "exact") -> Tensor:
     """Top-``k`` right singular vectors of ``B A`` as an ``(n, min(k, r))`` matrix.
 
     ``mode="exact"``: from :func:`factor_svd` -- the same subspace as the dense SVD of ``B A``
-    for k <= rank. ``mode="a_rows"``: the top-k right singular vectors of ``A`` alone (pact.txt
+    for k <= rank. ``mode="a_rows"``: the top-k right singular vectors of ``A`` alone (PACT paper,
     Section 5.2: ``B A`` and ``A`` share their row space; within it the ordering is A's own,
     which differs from ``B A``'s unless ``B`` has orthogonal columns of equal norm).
 
@@ -138,7 +143,7 @@ def top_right_lowrank(d: LowRankDelta, k: int, mode: str = "exact") -> Tensor:
     return vh[:k].mT
 
 
-def scale_delta(d, w: float):
+def scale_delta(d: Delta, w: float) -> Delta:
     """``w * d`` for a dense or low-rank task vector (the weight goes into ``B``)."""
     if w == 1.0:
         return d

@@ -59,14 +59,18 @@ def build_plan(cfg: MergeConfig, base: Source, models: list[Source]) -> Plan:
     for src in models:
         for name in names:
             if name not in src:
-                raise PactMergeError(f"{src.label}: missing parameter {name!r} (present in the base model {base.label})")
+                raise PactMergeError(
+                    f"{src.label}: missing parameter {name!r} (present in the base model {base.label})"
+                )
             if src.shape(name) != base.shape(name):
                 raise PactMergeError(
-                    f"{src.label}: parameter {name!r} has shape {list(src.shape(name))}, the base model has {list(base.shape(name))}"
+                    f"{src.label}: parameter {name!r} has shape {list(src.shape(name))}, the base model has"
+                    f" {list(base.shape(name))}"
                 )
             if base.dtype(name).is_floating_point != src.dtype(name).is_floating_point:
                 raise PactMergeError(
-                    f"{src.label}: parameter {name!r} has dtype {src.dtype(name)}, the base model has {base.dtype(name)}"
+                    f"{src.label}: parameter {name!r} has dtype {src.dtype(name)}, the base model has"
+                    f" {base.dtype(name)}"
                 )
     ignored = {}
     for src in models:

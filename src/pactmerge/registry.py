@@ -31,8 +31,9 @@ them; for every other method/filter the engine densifies them first, one paramet
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -112,7 +113,9 @@ METHODS: dict[str, Spec] = {}
 FILTERS: dict[str, Spec] = {}
 
 
-def _register(table: dict[str, Spec], kind: str, name: str, params, prepare, check, stage: str = "pre", lowrank: bool = False):
+def _register(
+    table: dict[str, Spec], kind: str, name: str, params, prepare, check, stage: str = "pre", lowrank: bool = False
+):
     if stage not in ("pre", "post"):
         raise ValueError(f"{kind} {name!r}: stage must be 'pre' or 'post', not {stage!r}")
 
@@ -130,14 +133,19 @@ def register_method(name: str, params: type[BaseModel] | None = None, prepare=No
 
 
 def register_filter(
-    name: str, params: type[BaseModel] | None = None, prepare=None, check=None, stage: str = "pre", lowrank: bool = False
+    name: str,
+    params: type[BaseModel] | None = None,
+    prepare=None,
+    check=None,
+    stage: str = "pre",
+    lowrank: bool = False,
 ):
     return _register(FILTERS, "filter", name, params, prepare, check, stage, lowrank)
 
 
 def _load_builtins() -> None:
     # Importing the packages runs their @register_* decorators.
-    import pactmerge.filters  # noqa: F401
+    import pactmerge.filters
     import pactmerge.methods  # noqa: F401
 
 
@@ -148,7 +156,9 @@ def get_method(name: str) -> Spec:
     except KeyError:
         from pactmerge.errors import PactMergeError
 
-        raise PactMergeError(f"config key 'method': unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None
+        raise PactMergeError(
+            f"config key 'method': unknown method {name!r}; known: {', '.join(sorted(METHODS))}"
+        ) from None
 
 
 def get_filter(name: str) -> Spec:
@@ -158,7 +168,9 @@ def get_filter(name: str) -> Spec:
     except KeyError:
         from pactmerge.errors import PactMergeError
 
-        raise PactMergeError(f"config key 'filters': unknown filter {name!r}; known: {', '.join(sorted(FILTERS))}") from None
+        raise PactMergeError(
+            f"config key 'filters': unknown filter {name!r}; known: {', '.join(sorted(FILTERS))}"
+        ) from None
 
 
 def available_methods() -> list[str]:

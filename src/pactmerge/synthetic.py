@@ -26,7 +26,9 @@ def decaying_matrix(m: int, n: int, gen: torch.Generator, decay: float = 0.85, s
     return (u * s) @ v.T
 
 
-def base_state(layers: int = 2, hidden: int = 32, ffn: int | None = None, vocab: int = 50, seed: int = 0) -> dict[str, Tensor]:
+def base_state(
+    layers: int = 2, hidden: int = 32, ffn: int | None = None, vocab: int = 50, seed: int = 0
+) -> dict[str, Tensor]:
     """A BERT-like float32 state dict with structured (decaying-spectrum) matrices."""
     g = torch.Generator().manual_seed(seed)
     ffn = ffn or 2 * hidden
@@ -71,7 +73,9 @@ def finetune_state(base: dict[str, Tensor], seed: int, rank: int = 4, scale: flo
     return out
 
 
-def write_hf_folder(folder: Path, state: dict[str, Tensor], max_shard_bytes: int = 10**9, dtype: torch.dtype | None = None) -> Path:
+def write_hf_folder(
+    folder: Path, state: dict[str, Tensor], max_shard_bytes: int = 10**9, dtype: torch.dtype | None = None
+) -> Path:
     """Write ``state`` as an HF model folder (sharded safetensors + index when it needs more than
     one shard), with a config.json and tokenizer files to be copied by a merge."""
     folder = Path(folder)
@@ -81,14 +85,27 @@ def write_hf_folder(folder: Path, state: dict[str, Tensor], max_shard_bytes: int
     for name, t in state.items():
         w.add(name, t)
     w.close()
-    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"], "generated_by": "pactmerge.synthetic"}))
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "bert", "architectures": ["BertModel"], "generated_by": "pactmerge.synthetic"})
+    )
     (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [f"tok{i}" for i in range(46)]) + "\n")
+    (folder / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [f"tok{i}" for i in range(46)]) + "\n"
+    )
     return folder
 
 
-def make_checkpoints(root: Path, n_models: int = 3, *, layers: int = 2, hidden: int = 32, ffn: int | None = None,
-                     max_shard_bytes: int = 10**9, seed: int = 0, dtype: torch.dtype | None = None) -> tuple[Path, list[Path]]:
+def make_checkpoints(
+    root: Path,
+    n_models: int = 3,
+    *,
+    layers: int = 2,
+    hidden: int = 32,
+    ffn: int | None = None,
+    max_shard_bytes: int = 10**9,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+) -> tuple[Path, list[Path]]:
     """Write a base and ``n_models`` fine-tunes as HF folders under ``root``; return their paths."""
     root = Path(root)
     base = base_state(layers, hidden, ffn, seed=seed)

@@ -70,7 +70,9 @@ def random_complement_basis(core: Tensor, dim: int, generator: torch.Generator) 
     """
     n, K = core.shape
     if not 0 <= dim <= n - K:
-        raise ValueError(f"random control of dimension {dim}: the complement of a rank-{K} core in R^{n} has dimension {n - K}")
+        raise ValueError(
+            f"random control of dimension {dim}: the complement of a rank-{K} core in R^{n} has dimension {n - K}"
+        )
     c = core.detach().to("cpu", F64)
     x = torch.randn(n, dim, generator=generator, dtype=F64)
     for _ in range(2):  # project twice: one pass leaves O(eps * ||x||) inside the core
@@ -98,7 +100,12 @@ def ablation_params(inputs: MergeInputs, setup: AnalysisSetup) -> tuple[list[Par
         if not (info.is_matrix and info.in_depth(p.depth)):
             continue
         if min(info.shape) < max(p.ranks(info.shape)):
-            skipped.append({"parameter": info.name, "reason": f"min(m, n)={min(info.shape)} < max(K, k)={max(p.ranks(info.shape))}"})
+            skipped.append(
+                {
+                    "parameter": info.name,
+                    "reason": f"min(m, n)={min(info.shape)} < max(K, k)={max(p.ranks(info.shape))}",
+                }
+            )
             continue
         chosen.append(info)
     return chosen, skipped
@@ -120,10 +127,15 @@ def collect_bases(
     """
     params, skipped = ablation_params(inputs, setup)
     out = []
-    for info, _, deltas, sub in iter_subspaces(inputs, setup, params, torch.device(device), progress, desc="LBW subspaces"):
+    for info, _, deltas, sub in iter_subspaces(
+        inputs, setup, params, torch.device(device), progress, desc="LBW subspaces"
+    ):
         ctx = make_context(inputs.cfg, info)
         rand = [
-            [random_complement_basis(sub.core, v.shape[1], ctx.generator(_SALT * (s + 1) + t)).cpu() for t, v in enumerate(sub.lbw)]
+            [
+                random_complement_basis(sub.core, v.shape[1], ctx.generator(_SALT * (s + 1) + t)).cpu()
+                for t, v in enumerate(sub.lbw)
+            ]
             for s in seeds
         ]
         e_lbw = [float(torch.linalg.vector_norm(d @ v, dtype=F64) ** 2) for d, v in zip(deltas, sub.lbw)]
@@ -221,7 +233,16 @@ def run_subspace_ablation(
             "energy_removed_random": sum(e_rand) / len(e_rand),
             "update_in_lbw": sum(b.delta_lbw_energy[t] for b in bases) / d_all if d_all > 0 else math.nan,
         }
-    keys = ("finetuned", "lbw", "random_mean", "drop_lbw", "drop_random", "lbw_fraction", "energy_removed_lbw", "energy_removed_random")
+    keys = (
+        "finetuned",
+        "lbw",
+        "random_mean",
+        "drop_lbw",
+        "drop_random",
+        "lbw_fraction",
+        "energy_removed_lbw",
+        "energy_removed_random",
+    )
     mean = {k: sum(r[k] for r in rows.values()) / len(rows) for k in keys}
     # The paper's "on average ... x larger": the ratio of the mean drops (a mean of per-task
     # ratios would be dominated by tasks whose random drop is ~0).

@@ -35,28 +35,32 @@ def _ref(x) -> str:
 def task_labels(refs: list) -> list[str]:
     """Short, unique task names from the config's model references: a path's last component
     (``.../task3`` -> ``task3``), ``model{i}`` for an in-memory state dict."""
-    short = [Path(_ref(r)).name or _ref(r) if isinstance(r, (str, os.PathLike)) else f"model{i}" for i, r in enumerate(refs)]
+    short = [
+        Path(_ref(r)).name or _ref(r) if isinstance(r, (str, os.PathLike)) else f"model{i}" for i, r in enumerate(refs)
+    ]
     return [f"{s}#{i}" if short.count(s) > 1 else s for i, s in enumerate(short)]
 
 
 def param_entry(info, m: ParamMetrics) -> dict:
     """One ``parameters[name]`` entry of metrics.json (see docs/analysis.md)."""
-    return json_clean({
-        "intrusion_energy": m.intrusion_energy.tolist(),
-        "core_axis_energy": m.core_axis_energy.tolist(),
-        "sim": m.sim.tolist(),
-        "inf": m.inf.tolist(),
-        "protect_dim": m.protect_dim.tolist(),
-        "removed_energy": m.removed_energy.tolist(),
-        "core_residual": m.core_residual.tolist(),
-        "core_protected": m.core_protected.tolist(),
-        "lbw_rank": m.lbw_rank.tolist(),
-        "pact_applied": m.pact_applied,
-        "layer": info.layer,
-        "depth_fraction": info.depth_fraction,
-        "component": classify(info.name),
-        "shape": list(info.shape),
-    })
+    return json_clean(
+        {
+            "intrusion_energy": m.intrusion_energy.tolist(),
+            "core_axis_energy": m.core_axis_energy.tolist(),
+            "sim": m.sim.tolist(),
+            "inf": m.inf.tolist(),
+            "protect_dim": m.protect_dim.tolist(),
+            "removed_energy": m.removed_energy.tolist(),
+            "core_residual": m.core_residual.tolist(),
+            "core_protected": m.core_protected.tolist(),
+            "lbw_rank": m.lbw_rank.tolist(),
+            "pact_applied": m.pact_applied,
+            "layer": info.layer,
+            "depth_fraction": info.depth_fraction,
+            "component": classify(info.name),
+            "shape": list(info.shape),
+        }
+    )
 
 
 def analyze(
@@ -105,7 +109,9 @@ def analyze(
         tasks = list(task_names) if task_names is not None else task_labels([m.model for m in cfg.models])
         if len(tasks) != len(cfg.models):
             raise PactMergeError(f"analyze: {len(tasks)} task names for {len(cfg.models)} models")
-        params = {info.name: param_entry(info, m) for info, m in iter_param_metrics(inputs, setup, chosen, dev, progress)}
+        params = {
+            info.name: param_entry(info, m) for info, m in iter_param_metrics(inputs, setup, chosen, dev, progress)
+        }
         config_block = {
             "base_model": _ref(cfg.base_model),
             "models": [_ref(m.model) for m in cfg.models],

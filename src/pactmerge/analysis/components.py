@@ -30,7 +30,19 @@ COMPONENT_TITLES = {
 }
 
 _SPLIT = re.compile(r"[._]")
-_ATTN_IN = {"query", "key", "value", "qkv", "c_attn", "q_proj", "k_proj", "v_proj", "in_proj", "query_key_value", "wqkv"}
+_ATTN_IN = {
+    "query",
+    "key",
+    "value",
+    "qkv",
+    "c_attn",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "in_proj",
+    "query_key_value",
+    "wqkv",
+}
 _ATTN_OUT = {"o_proj", "out_proj", "c_proj", "output", "dense", "out", "wo"}
 _ATTN_SCOPE = {"attention", "attn", "self_attn", "self_attention", "selfattention", "mixer"}
 _MLP_IN = {"intermediate", "fc1", "up_proj", "gate_proj", "c_fc", "w1", "w3", "dense_h_to_4h", "gate_up_proj"}

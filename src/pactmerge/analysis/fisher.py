@@ -92,7 +92,9 @@ def empirical_fisher(
         model.eval()
         for n, p in params.items():
             p.requires_grad_(n in wanted)
-        for i in tqdm(range(len(tok)), desc="Fisher", unit="sample", disable=not progress, file=sys.stderr, leave=False):
+        for i in tqdm(
+            range(len(tok)), desc="Fisher", unit="sample", disable=not progress, file=sys.stderr, leave=False
+        ):
             ids, mask = tok.batch([i], pad_id)
             loss = F.cross_entropy(logits(embed(model, ids, mask), head), tok.labels[i : i + 1])
             grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
@@ -300,8 +302,14 @@ def fisher_masks(
         d_a = theta_a[name].to(F64) - theta0[name].to(F64)
         d_b = theta_b[name].to(F64) - theta0[name].to(F64)
         out[name] = layer_masks(
-            d_a, d_b, f, small_frac=small_frac, fisher_frac=fisher_frac, p_max=p_max,
-            generator=_generator(seed, name, 0), random_generators=[_generator(seed, name, s + 1) for s in range(n_random)],
+            d_a,
+            d_b,
+            f,
+            small_frac=small_frac,
+            fisher_frac=fisher_frac,
+            p_max=p_max,
+            generator=_generator(seed, name, 0),
+            random_generators=[_generator(seed, name, s + 1) for s in range(n_random)],
         )
     return out
 
@@ -359,7 +367,14 @@ def run_fisher_conditions(
     randoms = [{n: m.random[s] for n, m in masks.items()} for s in range(S)]
     on_a = lambda st: accuracy(st, [task_a])[task_a]  # noqa: E731
     steps = 2 + len(alphas) * (2 + S) + 3 + 2 * S
-    bar = tqdm(total=steps, desc=f"Fisher conditions {task_a}/{task_b}", unit="eval", disable=not progress, file=sys.stderr, leave=False)
+    bar = tqdm(
+        total=steps,
+        desc=f"Fisher conditions {task_a}/{task_b}",
+        unit="eval",
+        disable=not progress,
+        file=sys.stderr,
+        leave=False,
+    )
 
     def run(fn, *args):
         out = fn(*args)
@@ -372,8 +387,16 @@ def run_fisher_conditions(
         hit = {n: theta0[n] + alpha * (theta_b[n] - theta0[n]) for n in masks}
         m4 = [run(on_a, set_entries(theta_a, r, hit)) for r in randoms]
         m4_mean, m4_std = _mean_std(m4) if m4 else (math.nan, None)
-        attack.append({"alpha": alpha, "M2": run(on_a, set_entries(theta_a, crucial, hit)),
-                       "M3": run(on_a, set_entries(theta_a, safe, hit)), "M4": m4_mean, "M4_std": m4_std, "M4_seeds": m4})
+        attack.append(
+            {
+                "alpha": alpha,
+                "M2": run(on_a, set_entries(theta_a, crucial, hit)),
+                "M3": run(on_a, set_entries(theta_a, safe, hit)),
+                "M4": m4_mean,
+                "M4_std": m4_std,
+                "M4_seeds": m4,
+            }
+        )
         del hit
     res["attack"] = attack
 

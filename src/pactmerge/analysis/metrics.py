@@ -1,6 +1,6 @@
 """Per-matrix load-bearing-wall diagnostics of the PACT paper (pure math, one 2-D parameter).
 
-Notation (pact.txt Sec. 3.2, Eqs. 4-5, 8): ``Delta_t`` is task t's ``(m, n)`` task vector,
+Notation (PACT, arXiv:2606.18627, Sec. 3.2, Eqs. 4-5, 8): ``Delta_t`` is task t's ``(m, n)`` task vector,
 ``V_{0,K}`` the ``(n, K)`` top-K right singular vectors of the base, ``V_{t,k}`` the ``(n, k)``
 top-k right singular vectors of ``Delta_t``, ``V_{t,LBW} = orth((I - V_{t,k}V_{t,k}^T) V_{0,K})``
 with rank ``r_t <= K``, and ``P_t = orth([V_{j,LBW}]_{j != t})`` PACT's protection basis.
@@ -93,7 +93,8 @@ def removed_energy(delta: Tensor, protect: Tensor) -> float:
 def core_residual(core: Tensor, protect: Tensor) -> float:
     """``||V_{0,K} - P P^T V_{0,K}||_F / sqrt(K)`` in [0, 1]: the RMS sine of the angles between
     the core axes and span(P); 0 when the whole core is protected (the regime of
-    notes/pact-composition.md, generically T >= 4 for K, k = 15, 8), 1 when P is orthogonal to it."""
+    README "Composing PACT with spectrum-flattening methods": generically T >= 4 for K, k = 15, 8),
+    1 when P is orthogonal to it."""
     K = core.shape[1]
     if K == 0:
         return math.nan
@@ -135,7 +136,11 @@ def param_metrics(deltas: list[Tensor], sub, pact_applied: bool = True) -> Param
     core = sub.core
     dtype = core.dtype
     T = len(deltas)
-    axis = torch.stack([core_axis_energy(d, core).cpu() for d in deltas]) if T else torch.zeros((0, core.shape[1]), dtype=F64)
+    axis = (
+        torch.stack([core_axis_energy(d, core).cpu() for d in deltas])
+        if T
+        else torch.zeros((0, core.shape[1]), dtype=F64)
+    )
     empty = core.new_zeros((core.shape[0], 0))
     protect = list(sub.protect) if pact_applied else [empty] * T
     residual = torch.tensor([core_residual(core, P) for P in protect], dtype=F64)

@@ -42,9 +42,13 @@ def _layer_label(layer) -> str:
     return "n/a" if layer is None else str(layer)
 
 
-def _heatmap(fig, ax, mat: np.ndarray, rows, cols, title: str, cbar: str, vmin=0.0, vmax=None, annotate=True, cmap="viridis"):
+def _heatmap(
+    fig, ax, mat: np.ndarray, rows, cols, title: str, cbar: str, vmin=0.0, vmax=None, annotate=True, cmap="viridis"
+):
     im = ax.imshow(mat, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(len(cols)), cols, rotation=45 if len(cols) > 3 else 0, ha="right" if len(cols) > 3 else "center")
+    ax.set_xticks(
+        range(len(cols)), cols, rotation=45 if len(cols) > 3 else 0, ha="right" if len(cols) > 3 else "center"
+    )
     ax.set_yticks(range(len(rows)), rows)
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label=cbar, shrink=0.9)
@@ -53,8 +57,15 @@ def _heatmap(fig, ax, mat: np.ndarray, rows, cols, title: str, cbar: str, vmin=0
             if math.isfinite(v):
                 r, g, b, _ = im.cmap(im.norm(v))
                 # Dark text on light cells and vice versa, whatever the colormap.
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
-                        color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
+                ax.text(
+                    j,
+                    i,
+                    f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white",
+                )
     return im
 
 
@@ -86,8 +97,13 @@ def plot_intrusion_by_layer(result: dict, path: Path) -> Path:
     axes.flat[0].set_ylim(0, 1.08 * top if math.isfinite(top) and top > 0 else 1.0)  # y is shared
     for ax in axes[:, 0]:
         ax.set_ylabel("intrusion energy $E_{in}$")
-    return _finish_task_grid(fig, axes, len(comps), path,
-                             "Intrusion energy by layer and component (share of each task vector's energy in the base's top-K core)")
+    return _finish_task_grid(
+        fig,
+        axes,
+        len(comps),
+        path,
+        "Intrusion energy by layer and component (share of each task vector's energy in the base's top-K core)",
+    )
 
 
 def plot_intrusion_heatmap(result: dict, path: Path) -> Path:
@@ -97,8 +113,18 @@ def plot_intrusion_heatmap(result: dict, path: Path) -> Path:
     labels = [("" if r["layer"] is None else f"L{r['layer']} ") + COMPONENT_TITLES[r["component"]] for r in rows]
     fig = _figure(max(6.0, 1.0 * len(tasks) + 4.5), max(3.5, 0.32 * len(rows) + 1.8))
     ax = fig.subplots()
-    _heatmap(fig, ax, mat, labels, tasks, "Intrusion energy $E_{in}$ per layer, component and task", "$E_{in}$",
-             vmin=0.0, vmax=max(float(np.nanmax(mat)) if np.isfinite(mat).any() else 1.0, 1e-12), cmap="magma")
+    _heatmap(
+        fig,
+        ax,
+        mat,
+        labels,
+        tasks,
+        "Intrusion energy $E_{in}$ per layer, component and task",
+        "$E_{in}$",
+        vmin=0.0,
+        vmax=max(float(np.nanmax(mat)) if np.isfinite(mat).any() else 1.0, 1e-12),
+        cmap="magma",
+    )
     ax.set_xlabel("task")
     ax.set_ylabel("layer / component (mean over its matrices)")
     fig.savefig(path)
@@ -118,6 +144,7 @@ def plot_sim_inf(result: dict, path: Path) -> Path:
     side = max(4.2, 0.55 * len(tasks) + 3.0)
     fig = _figure(2 * side + 0.5, 2 * side - 0.6)
     axes = fig.subplots(2, 2)
+
     def finite(mats):
         v = np.concatenate([_arr(m).ravel() for m in mats])
         return v[np.isfinite(v)] if np.isfinite(v).any() else np.array([0.0, 1.0])
@@ -128,8 +155,18 @@ def plot_sim_inf(result: dict, path: Path) -> Path:
     sim_min = min(float(np.floor(finite([p[0] for p in panels[:2]]).min() * 20) / 20), 0.95)
     for ax, (mat, title, cb, cmap) in zip(axes.flat, panels):
         is_inf = cb == "Inf"
-        _heatmap(fig, ax, _arr(mat), tasks, tasks, title, cb, vmin=0.0 if is_inf else sim_min,
-                 vmax=inf_max if is_inf else 1.0, cmap=cmap)
+        _heatmap(
+            fig,
+            ax,
+            _arr(mat),
+            tasks,
+            tasks,
+            title,
+            cb,
+            vmin=0.0 if is_inf else sim_min,
+            vmax=inf_max if is_inf else 1.0,
+            cmap=cmap,
+        )
         ax.set_xlabel("task b (active directions V_b,k)" if is_inf else "task b")
         ax.set_ylabel("task a (LBW subspace V_a,LBW)" if is_inf else "task a")
     fig.suptitle("Load-bearing-wall overlap (Sim) and hidden interference (Inf)")
@@ -156,8 +193,13 @@ def plot_axis_intrusion(result: dict, path: Path, max_panels: int = 6) -> Path:
         ax.set_title(name, fontsize=9)
         ax.set_ylabel("share of $\\|\\Delta_t\\|_F^2$")
         ax.grid(axis="y", alpha=0.3)
-    return _finish_task_grid(fig, axes, len(names), path,
-                             "Intrusion energy split over the core axes $v_1, \\dots, v_K$ (most intruded matrices)")
+    return _finish_task_grid(
+        fig,
+        axes,
+        len(names),
+        path,
+        "Intrusion energy split over the core axes $v_1, \\dots, v_K$ (most intruded matrices)",
+    )
 
 
 PLOTS = {
@@ -200,13 +242,24 @@ def plot_ablation(ablation: dict, path: Path) -> Path:
     series = [
         ("fine-tuned $\\theta_t$", [rows[t]["finetuned"] for t in tasks], None, "#999999"),
         ("LBW ablated", [rows[t]["lbw"] for t in tasks], None, "#d95f02"),
-        (f"random ablated ({len(ablation['seeds'])} seeds)", [rows[t]["random_mean"] for t in tasks],
-         [rows[t]["random_std"] or 0.0 for t in tasks], "#1b9e77"),
+        (
+            f"random ablated ({len(ablation['seeds'])} seeds)",
+            [rows[t]["random_mean"] for t in tasks],
+            [rows[t]["random_std"] or 0.0 for t in tasks],
+            "#1b9e77",
+        ),
     ]
     for i, (label, vals, err, color) in enumerate(series):
         v = 100 * _arr(vals)
-        ax.bar(x + (i - 1) * width, v, width, label=label, color=color,
-               yerr=None if err is None else 100 * _arr(err), capsize=3)
+        ax.bar(
+            x + (i - 1) * width,
+            v,
+            width,
+            label=label,
+            color=color,
+            yerr=None if err is None else 100 * _arr(err),
+            capsize=3,
+        )
         for xi, vi in zip(x + (i - 1) * width, v):
             ax.text(xi, vi, f"{vi:.0f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, tasks, rotation=20, ha="right")
@@ -216,8 +269,11 @@ def plot_ablation(ablation: dict, path: Path) -> Path:
     handles, labels = ax.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8)
     p = ablation["pact"]
-    fig.suptitle(f"Subspace ablation: remove $V_{{t,LBW}}$ (K = {p['K']}, k = {p['k']})\n"
-                 "vs a random subspace of the same dimension outside $V_{0,K}$", fontsize=10)
+    fig.suptitle(
+        f"Subspace ablation: remove $V_{{t,LBW}}$ (K = {p['K']}, k = {p['k']})\n"
+        "vs a random subspace of the same dimension outside $V_{0,K}$",
+        fontsize=10,
+    )
     fig.savefig(path)
     return path
 
@@ -246,7 +302,7 @@ def plot_fisher_attack(pairs: list[dict], path: Path) -> Path:
         ax.set_ylim(0, 105)
         ax.set_title(f"A = {fr['task_a']}, B = {fr['task_b']}", fontsize=10)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(pairs):]:
+    for ax in list(axes.flat)[len(pairs) :]:
         ax.set_visible(False)
     handles, lab = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, lab, loc="outside right center", fontsize=8)

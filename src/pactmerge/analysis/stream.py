@@ -19,14 +19,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from pactmerge.analysis.metrics import ParamMetrics, param_metrics
 from pactmerge.config import MergeConfig
 from pactmerge.engine import MergeInputs, _read_deltas
 from pactmerge.errors import PactMergeError
 from pactmerge.filters.pact import PactParams, PactSubspaces, pact_subspaces
 from pactmerge.plan import make_context
 from pactmerge.registry import ParamInfo, Spec
-
-from pactmerge.analysis.metrics import ParamMetrics, param_metrics
 
 
 @dataclass
@@ -61,7 +60,9 @@ def analysis_setup(cfg: MergeConfig) -> AnalysisSetup:
         )
     for spec, _ in setup.pre_filters:
         if spec.prepare is not None:
-            raise PactMergeError(f"analyze: filter {spec.name!r} before pact needs a first pass; not supported by analyze")
+            raise PactMergeError(
+                f"analyze: filter {spec.name!r} before pact needs a first pass; not supported by analyze"
+            )
     return setup
 
 
@@ -82,7 +83,12 @@ def select(inputs: MergeInputs, setup: AnalysisSetup, layers: str | None) -> tup
         if info.kind != "matrix" or (pattern is not None and not pattern.search(info.name)):
             continue
         if min(info.shape) < max(p.ranks(info.shape)):
-            skipped.append({"parameter": info.name, "reason": f"min(m, n)={min(info.shape)} < max(K, k)={max(p.ranks(info.shape))}"})
+            skipped.append(
+                {
+                    "parameter": info.name,
+                    "reason": f"min(m, n)={min(info.shape)} < max(K, k)={max(p.ranks(info.shape))}",
+                }
+            )
             continue
         chosen.append(info)
     if not chosen:

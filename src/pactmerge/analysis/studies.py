@@ -99,7 +99,7 @@ def build_suite(
         exclude: parameters never trained (default: the bench's frozen embeddings and pooler).
         log: called with a line for every task that has to be fine-tuned.
     """
-    from pactmerge.eval.bench import FROZEN
+    from pactmerge.eval.bench import FROZEN, _quiet_transformers
     from pactmerge.eval.evaluate import Evaluator
     from pactmerge.eval.finetune import (
         FinetuneConfig,
@@ -111,8 +111,6 @@ def build_suite(
         prepare_base,
     )
     from pactmerge.eval.heads import build_head
-
-    from pactmerge.eval.bench import _quiet_transformers
 
     _quiet_transformers()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -129,8 +127,17 @@ def build_suite(
         if not cached[n] and log is not None:
             log(f"{n}: no cached fine-tune in {cache}, fine-tuning it")
         models[n] = get_finetuned(task, heads[n], base, ft_cfg, cache, tokenizer, progress)
-    return Suite(name, base.path, models, dict(tasks), heads, evaluator, tokenizer,
-                 list(FROZEN if exclude is None else exclude), cached)
+    return Suite(
+        name,
+        base.path,
+        models,
+        dict(tasks),
+        heads,
+        evaluator,
+        tokenizer,
+        list(FROZEN if exclude is None else exclude),
+        cached,
+    )
 
 
 def _text_spec(name: str) -> Callable[[], SuiteSpec]:
@@ -142,7 +149,9 @@ def _text_spec(name: str) -> Callable[[], SuiteSpec]:
         names = suite_tasks(name)
 
         def load(cache_dir=None, tasks: Sequence[str] | None = None, progress: bool = False, log=None) -> Suite:
-            return build_suite(load_tasks(list(tasks or names)), name=name, cache_dir=cache_dir, progress=progress, log=log)
+            return build_suite(
+                load_tasks(list(tasks or names)), name=name, cache_dir=cache_dir, progress=progress, log=log
+            )
 
         return SuiteSpec(tuple(names), load)
 
@@ -159,7 +168,9 @@ class SuiteSpec:
 SUITES: dict[str, Callable[[], SuiteSpec]] = {name: _text_spec(name) for name in ("text6", "text12", "text20")}
 
 
-def load_suite(name: str = "text6", cache_dir=None, tasks: Sequence[str] | None = None, progress: bool = False, log=None) -> Suite:
+def load_suite(
+    name: str = "text6", cache_dir=None, tasks: Sequence[str] | None = None, progress: bool = False, log=None
+) -> Suite:
     """A registered suite (``text6``, ``text12``, ``text20``: the benchmark's), optionally a subset of its tasks."""
     spec = suite_spec(name)
     if tasks:
@@ -176,7 +187,9 @@ def suite_spec(name: str) -> SuiteSpec:
 def check_task_names(known: Sequence[str], names: Sequence[str], what: str) -> None:
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise PactMergeError(f"{what}: unknown task {', '.join(map(repr, unknown))}; the suite's tasks: {', '.join(known)}")
+        raise PactMergeError(
+            f"{what}: unknown task {', '.join(map(repr, unknown))}; the suite's tasks: {', '.join(known)}"
+        )
 
 
 def suite_config(suite: Suite, config: str | os.PathLike | Mapping | None = None) -> tuple[dict, list[str]]:
@@ -202,7 +215,9 @@ def suite_config(suite: Suite, config: str | os.PathLike | Mapping | None = None
     notes = []
     ignored = [k for k in user if k not in SUITE_CONFIG_KEYS]
     if ignored:
-        notes.append(f"config keys not used with --suite {suite.name} (the suite provides the models): {', '.join(ignored)}")
+        notes.append(
+            f"config keys not used with --suite {suite.name} (the suite provides the models): {', '.join(ignored)}"
+        )
     cfg = {
         "base_model": str(suite.base),
         "models": [str(suite.models[t]) for t in suite.tasks],
@@ -264,7 +279,10 @@ def subspace_ablation(
     res = run_subspace_ablation(
         lambda state, task: suite.accuracy(state, [task], split)[task],
         lambda t: suite.state(names[t]),
-        names, bases, list(range(seeds)), progress,
+        names,
+        bases,
+        list(range(seeds)),
+        progress,
     )
     suite.evaluator.set_weights({})
     res.update(split=split, pact=setup.pact.model_dump(), skipped=skipped, seconds=round(time.perf_counter() - t0, 1))
@@ -277,8 +295,11 @@ def fisher_layer_names(suite: Suite, theta0: Mapping[str, Tensor]) -> list[str]:
 
     pats = [re.compile(p) for p in suite.exclude]
     params = dict(suite.model.named_parameters())
-    return [n for n, t in theta0.items()
-            if t.ndim == 2 and t.is_floating_point() and n in params and not any(p.search(n) for p in pats)]
+    return [
+        n
+        for n, t in theta0.items()
+        if t.ndim == 2 and t.is_floating_point() and n in params and not any(p.search(n) for p in pats)
+    ]
 
 
 def fisher_study(
@@ -335,11 +356,29 @@ def fisher_study(
     fisher = empirical_fisher(suite.model, suite.heads[task_a], tok, names, suite.tokenizer.pad_token_id or 0, progress)
     t_fisher = time.perf_counter() - t0
 
-    masks = fisher_masks(theta0, theta_a, theta_b, fisher, seed=seed, n_random=seeds,
-                         small_frac=small_frac, fisher_frac=fisher_frac, p_max=p_max)
+    masks = fisher_masks(
+        theta0,
+        theta_a,
+        theta_b,
+        fisher,
+        seed=seed,
+        n_random=seeds,
+        small_frac=small_frac,
+        fisher_frac=fisher_frac,
+        p_max=p_max,
+    )
     del fisher
-    cond = run_fisher_conditions(lambda st, ts: suite.accuracy(st, ts, split), theta0, theta_a, theta_b,
-                                 task_a, task_b, masks, [float(a) for a in alphas], progress)
+    cond = run_fisher_conditions(
+        lambda st, ts: suite.accuracy(st, ts, split),
+        theta0,
+        theta_a,
+        theta_b,
+        task_a,
+        task_b,
+        masks,
+        [float(a) for a in alphas],
+        progress,
+    )
     suite.evaluator.set_weights({})
     total = sum(p.numel() for p in suite.model.parameters())
     layers = [{"parameter": name, **m.stats} for name, m in masks.items()]
@@ -360,12 +399,25 @@ def fisher_study(
         "fractions": {"small": small_frac, "fisher": fisher_frac, "p_max": p_max},
         "sizes": mask_sizes(masks, total),
         "enrichment": {k: avg(k) for k in ("E_B_candidate", "E_B_crucial", "E_B_safe", "E_B_random")}
-        | {"layers_candidate_significant": sum(1 for r in layers if r["p_candidate"] == r["p_candidate"] and r["p_candidate"] < p_max),
-           "num_layers": len(layers)},
+        | {
+            "layers_candidate_significant": sum(
+                1 for r in layers if r["p_candidate"] == r["p_candidate"] and r["p_candidate"] < p_max
+            ),
+            "num_layers": len(layers),
+        },
         "layers": layers,
         **cond,
-        "table1": None if last is None else {"alpha": last["alpha"], "M0": cond["M0"], "M1": cond["M1"],
-                                             "M2": last["M2"], "M3": last["M3"], "M4": last["M4"], "M4_std": last["M4_std"]},
+        "table1": None
+        if last is None
+        else {
+            "alpha": last["alpha"],
+            "M0": cond["M0"],
+            "M1": cond["M1"],
+            "M2": last["M2"],
+            "M3": last["M3"],
+            "M4": last["M4"],
+            "M4_std": last["M4_std"],
+        },
         "fisher_seconds": round(t_fisher, 1),
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -430,18 +482,27 @@ def analyze_suite(
     mcfg, notes = suite_config(s, config)
     for note in notes:
         log(f"note: {note}")
-    result = analyze(mcfg, None, layers=layers, worst_n=worst_n, device=device, progress=progress, task_names=list(s.tasks))
+    result = analyze(
+        mcfg, None, layers=layers, worst_n=worst_n, device=device, progress=progress, task_names=list(s.tasks)
+    )
     result["config"]["suite"] = s.name
     studies: dict = {
-        "suite": {"name": s.name, "tasks": list(s.tasks), "base_model": str(s.base),
-                  "models": {t: str(p) for t, p in s.models.items()}, "cached": s.cached},
+        "suite": {
+            "name": s.name,
+            "tasks": list(s.tasks),
+            "base_model": str(s.base),
+            "models": {t: str(p) for t, p in s.models.items()},
+            "cached": s.cached,
+        },
         "notes": notes,
     }
     if ablation:
         studies["ablation"] = subspace_ablation(s, config, seeds=seeds, device=device, progress=progress)
     if pairs:
-        studies["fisher"] = [fisher_study(s, a, b, samples=fisher_samples, seeds=seeds, seed=int(mcfg["seed"]), progress=progress)
-                             for a, b in pairs]
+        studies["fisher"] = [
+            fisher_study(s, a, b, samples=fisher_samples, seeds=seeds, seed=int(mcfg["seed"]), progress=progress)
+            for a, b in pairs
+        ]
     studies["seconds"] = round(time.perf_counter() - t0, 1)
     result["studies"] = studies
     if out_dir is not None:

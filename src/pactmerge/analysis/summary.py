@@ -82,12 +82,8 @@ def summarize(params: dict[str, dict], tasks: list[str], worst_n: int = 5) -> di
     comps = [params[n]["component"] for n in names]
     idx = np.arange(len(names))
 
-    by_component = [
-        {"component": c, **_block(a, idx[[x == c for x in comps]])} for c in COMPONENTS if c in comps
-    ]
-    by_layer = [
-        {"layer": l, **_block(a, idx[[x == l for x in layers]])} for l in sorted(set(layers), key=_layer_key)
-    ]
+    by_component = [{"component": c, **_block(a, idx[[x == c for x in comps]])} for c in COMPONENTS if c in comps]
+    by_layer = [{"layer": l, **_block(a, idx[[x == l for x in layers]])} for l in sorted(set(layers), key=_layer_key)]
     by_layer_component = [
         {"layer": l, "component": c, **_block(a, idx[[x == l and y == c for x, y in zip(layers, comps)]])}
         for l in sorted(set(layers), key=_layer_key)
@@ -106,8 +102,11 @@ def summarize(params: dict[str, dict], tasks: list[str], worst_n: int = 5) -> di
         np.fill_diagonal(m, -np.inf)
         ta, tb = np.unravel_index(int(np.nanargmax(m)), m.shape) if T >= 2 else (0, 0)
         return {
-            "parameter": names[i], "layer": layers[i], "component": comps[i],
-            "inf_offdiag_mean": float(inf_score[i]), "inf_max": float(m[ta, tb]) if T >= 2 else math.nan,
+            "parameter": names[i],
+            "layer": layers[i],
+            "component": comps[i],
+            "inf_offdiag_mean": float(inf_score[i]),
+            "inf_max": float(m[ta, tb]) if T >= 2 else math.nan,
             "inf_max_pair": {"from": tasks[tb], "into": tasks[ta]},
             "sim_offdiag_mean": offdiag_mean(a["sim"][i]),
         }
@@ -115,8 +114,11 @@ def summarize(params: dict[str, dict], tasks: list[str], worst_n: int = 5) -> di
     def ein_row(i):
         t = int(np.nanargmax(a["e_in"][i])) if np.isfinite(a["e_in"][i]).any() else 0
         return {
-            "parameter": names[i], "layer": layers[i], "component": comps[i],
-            "intrusion_energy_mean": float(ein_score[i]), "intrusion_energy_max": float(a["e_in"][i][t]),
+            "parameter": names[i],
+            "layer": layers[i],
+            "component": comps[i],
+            "intrusion_energy_mean": float(ein_score[i]),
+            "intrusion_energy_max": float(a["e_in"][i][t]),
             "intrusion_energy_max_task": tasks[t],
         }
 

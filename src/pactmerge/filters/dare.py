@@ -1,4 +1,4 @@
-"""DARE: Drop And REscale (Yu et al. 2024, "Language models are Super Mario"; merging-survey.txt, Eq. dare).
+"""DARE: Drop And REscale (Yu et al. 2024, "Language models are Super Mario"; "Model Merging Overview").
 
 For every task vector ``Delta_t`` (any shape) and drop rate ``p``::
 

@@ -1,4 +1,4 @@
-"""PACT: Preserving Anchored Cores in Task-vectors (pact.txt, Eqs. 4, 5, 8, 9; Algorithm 1).
+"""PACT: Preserving Anchored Cores in Task-vectors (arXiv:2606.18627, Eqs. 4, 5, 8, 9; Algorithm 1).
 
 For one 2-D parameter with pretrained weight theta_0 (m x n) and task vectors Delta_t:
 
@@ -13,7 +13,7 @@ For one 2-D parameter with pretrained weight theta_0 (m x n) and task vectors De
 overlap almost entirely, and the dependent columns of their concatenation must not be turned
 into invented directions.
 
-LoRA adapters (:class:`~pactmerge.lowrank.LowRankDelta`, ``Delta_t = B_t A_t``; pact.txt
+LoRA adapters (:class:`~pactmerge.lowrank.LowRankDelta`, ``Delta_t = B_t A_t``; PACT paper
 Section 5.2): V_{t,k} comes from the factors, never from an ``m x n`` SVD -- by default the exact
 top-k of ``B_t A_t`` (QR of B_t, SVD of the small R_t A_t), or with ``lora_subspace: a_rows`` the
 paper's shortcut, the top-k right singular vectors of A_t alone (same row space, A_t's own
@@ -33,7 +33,7 @@ from torch import Tensor
 
 from pactmerge.errors import PactMergeError
 from pactmerge.linalg import orth, top_right_singular_vectors
-from pactmerge.lowrank import LowRankDelta, top_right_lowrank
+from pactmerge.lowrank import Delta, LowRankDelta, top_right_lowrank
 from pactmerge.registry import ParamContext, ParamInfo, Params, register_filter
 
 
@@ -45,16 +45,25 @@ class PactParams(Params):
     power_iters: int = Field(2, ge=0, description="randomized SVD: power iterations")
     depth: float = Field(1.0, ge=0.0, le=1.0, description="fraction of layers, from the input side, that are filtered")
     orth_rtol: float | None = Field(
-        None, gt=0, description="rank tolerance of orth(), relative to the largest singular value; default max(n, c)*eps"
+        None,
+        gt=0,
+        description="rank tolerance of orth(), relative to the largest singular value; default max(n, c)*eps",
     )
     lora_subspace: Literal["exact", "a_rows"] = Field(
-        "exact", description="LoRA adapters: V_{t,k} = exact top-k of B_t A_t from the factors, or of A_t alone (paper 5.2)"
+        "exact",
+        description="LoRA adapters: V_{t,k} = exact top-k of B_t A_t from the factors, or of A_t alone (paper 5.2)",
     )
     K_ratio: float | None = Field(
-        None, gt=0, le=1, description="if set, K = max(1, round(K_ratio * min(m, n))) for each parameter instead of a fixed K"
+        None,
+        gt=0,
+        le=1,
+        description="if set, K = max(1, round(K_ratio * min(m, n))) for each parameter instead of a fixed K",
     )
     k_ratio: float | None = Field(
-        None, gt=0, le=1, description="if set, k = max(1, round(k_ratio * min(m, n))) for each parameter instead of a fixed k"
+        None,
+        gt=0,
+        le=1,
+        description="if set, k = max(1, round(k_ratio * min(m, n))) for each parameter instead of a fixed k",
     )
 
     def ranks(self, shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:
@@ -88,7 +97,7 @@ def _top(a: Tensor | LowRankDelta, r: int, p: PactParams, ctx: ParamContext | No
     )
 
 
-def pact_subspaces(base: Tensor, deltas: list[Tensor], p: PactParams, ctx: ParamContext | None = None) -> PactSubspaces:
+def pact_subspaces(base: Tensor, deltas: list[Delta], p: PactParams, ctx: ParamContext | None = None) -> PactSubspaces:
     """Compute V_{0,K}, V_{t,k}, V_{t,LBW} and the protection bases P_t of every task.
 
     Args:
@@ -128,7 +137,7 @@ def _project_out(d: Tensor | LowRankDelta, P: Tensor) -> Tensor | LowRankDelta:
 
 
 @register_filter("pact", params=PactParams, check=_check, lowrank=True)
-def pact(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: PactParams) -> list[Tensor]:
+def pact(base: Tensor, deltas: list[Delta], ctx: ParamContext, p: PactParams) -> list[Delta]:
     """Strip each task vector of its projection onto the other tasks' load-bearing-wall subspaces."""
     if not ctx.info.is_matrix or not ctx.info.in_depth(p.depth) or len(deltas) < 2 or p.ranks(base.shape)[0] == 0:
         return deltas

@@ -51,7 +51,7 @@ def is_adapter(ref) -> bool:
     return isinstance(ref, (str, Path)) and (Path(ref).expanduser() / ADAPTER_CONFIG).is_file()
 
 
-def pattern_value(patterns: dict, module: str, default):
+def pattern_value(patterns: dict | None, module: str, default):
     """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key that matches the end of the
     module name at a dot boundary (``(.*\\.)?key$``), else ``default``."""
     for key, value in (patterns or {}).items():
@@ -101,9 +101,17 @@ class LoraSource(Source):
             raise PactMergeError(f"{where} peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
         unsupported = [
             ("use_dora", bool(cfg.get("use_dora")), "DoRA (use_dora: true) is not supported"),
-            ("bias", cfg.get("bias", "none") not in ("none", None), f"bias {cfg.get('bias')!r} is not supported (only 'none')"),
+            (
+                "bias",
+                cfg.get("bias", "none") not in ("none", None),
+                f"bias {cfg.get('bias')!r} is not supported (only 'none')",
+            ),
             ("lora_bias", bool(cfg.get("lora_bias")), "lora_bias: true is not supported"),
-            ("modules_to_save", bool(cfg.get("modules_to_save")), "modules_to_save is not supported (fully trained modules)"),
+            (
+                "modules_to_save",
+                bool(cfg.get("modules_to_save")),
+                "modules_to_save is not supported (fully trained modules)",
+            ),
             ("target_parameters", bool(cfg.get("target_parameters")), "target_parameters is not supported"),
         ]
         for _, bad, msg in unsupported:
@@ -121,12 +129,16 @@ class LoraSource(Source):
                 raise PactMergeError(f"{label}: embedding LoRA ({key!r}) is not supported (only Linear-layer LoRA)")
             m = _KEY.match(key)
             if m is None:
-                raise PactMergeError(f"{label}: unsupported adapter key {key!r} (only lora_A / lora_B weights are supported)")
+                raise PactMergeError(
+                    f"{label}: unsupported adapter key {key!r} (only lora_A / lora_B weights are supported)"
+                )
             if m["adapter"]:
                 adapters.add(m["adapter"])
             pairs.setdefault(m["mod"], {})[m["ab"]] = key
         if len(adapters) > 1:
-            raise PactMergeError(f"{label}: holds several adapters ({', '.join(sorted(adapters))}); save one per folder")
+            raise PactMergeError(
+                f"{label}: holds several adapters ({', '.join(sorted(adapters))}); save one per folder"
+            )
         if not pairs:
             raise PactMergeError(f"{label}: no lora_A / lora_B weights")
         base_weights = [n for n in self.base.names() if n.endswith(".weight")]
@@ -141,22 +153,27 @@ class LoraSource(Source):
                 rewrite = rule
             elif rule != rewrite:
                 raise PactMergeError(
-                    f"{label}: inconsistent key prefixes: {mod!r} -> {name!r} needs {rule}, earlier keys needed {rewrite}"
+                    f"{label}: inconsistent key prefixes: {mod!r} -> {name!r} needs {rule}, earlier keys needed"
+                    f" {rewrite}"
                 )
             a_shape, b_shape = self._file.shape(ab["A"]), self._file.shape(ab["B"])
             if len(a_shape) != 2 or len(b_shape) != 2:
                 raise PactMergeError(
-                    f"{label}: {mod!r} has a {len(a_shape)}-D lora_A: convolution LoRA is not supported (only Linear layers)"
+                    f"{label}: {mod!r} has a {len(a_shape)}-D lora_A: convolution LoRA is not supported (only"
+                    " Linear layers)"
                 )
             r = a_shape[0]
             if b_shape[1] != r:
-                raise PactMergeError(f"{label}: {mod!r}: lora_A {list(a_shape)} and lora_B {list(b_shape)} disagree on the rank")
+                raise PactMergeError(
+                    f"{label}: {mod!r}: lora_A {list(a_shape)} and lora_B {list(b_shape)} disagree on the rank"
+                )
             want = (b_shape[0], a_shape[1])
             if self.fan_in_fan_out:
                 want = want[::-1]
             if tuple(self.base.shape(name)) != want:
                 raise PactMergeError(
-                    f"{label}: {mod!r}: lora_B @ lora_A is {list(want)}{' (transposed: fan_in_fan_out)' if self.fan_in_fan_out else ''}"
+                    f"{label}: {mod!r}: lora_B @ lora_A is"
+                    f" {list(want)}{' (transposed: fan_in_fan_out)' if self.fan_in_fan_out else ''}"
                     f", the base weight {name!r} is {list(self.base.shape(name))}"
                 )
             r_cfg = int(pattern_value(cfg.get("rank_pattern"), mod, cfg.get("r", r)))
@@ -174,14 +191,20 @@ class LoraSource(Source):
         exact = mod + ".weight"
         if exact in self.base:
             return exact, ("", "")
-        cands = [n for n in base_weights if _dotted_suffix(n[: -len(".weight")], mod) or _dotted_suffix(mod, n[: -len(".weight")])]
+        cands = [
+            n
+            for n in base_weights
+            if _dotted_suffix(n[: -len(".weight")], mod) or _dotted_suffix(mod, n[: -len(".weight")])
+        ]
         if not cands:
             raise PactMergeError(
                 f"{label}: the adapter targets {mod!r}, but the base model {self.base.label} has no weight {exact!r}"
                 " (nor one differing only by a leading prefix)"
             )
         if len(cands) > 1:
-            raise PactMergeError(f"{label}: the adapter module {mod!r} matches several base weights: {', '.join(cands[:4])}")
+            raise PactMergeError(
+                f"{label}: the adapter module {mod!r} matches several base weights: {', '.join(cands[:4])}"
+            )
         p = cands[0][: -len(".weight")]
         rule = (mod[: len(mod) - len(p)], "") if len(mod) > len(p) else ("", p[: len(p) - len(mod)])
         return cands[0], rule
@@ -217,6 +240,7 @@ class LoraSource(Source):
         if name not in self._targets:
             return base
         d = self.lowrank_delta(name, dtype=torch.float64)
+        assert d is not None  # name is a target
         return (base.to(torch.float64) + d.dense()).to(base.dtype)
 
     def close(self) -> None:

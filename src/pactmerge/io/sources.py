@@ -14,6 +14,7 @@ one tensor at a time. Supported inputs:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -102,7 +103,7 @@ class SafetensorsFile(Source):
         super().__init__(str(path), folder)
         self.path = path
         try:
-            self._file = open(path, "rb")
+            self._file = open(path, "rb")  # noqa: SIM115 -- held open for the mmap until close()
         except OSError as e:
             raise PactMergeError(f"{path}: cannot open ({e.strerror})") from None
         size = os.fstat(self._file.fileno()).st_size
@@ -110,7 +111,9 @@ class SafetensorsFile(Source):
             raise PactMergeError(f"{path}: truncated or corrupt safetensors file (only {size} bytes)")
         (header_len,) = struct.unpack("<Q", self._file.read(8))
         if header_len > size - 8 or header_len > 100 * 2**20:
-            raise PactMergeError(f"{path}: truncated or corrupt safetensors file (header length {header_len} > file size)")
+            raise PactMergeError(
+                f"{path}: truncated or corrupt safetensors file (header length {header_len} > file size)"
+            )
         try:
             header = json.loads(self._file.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -134,9 +137,13 @@ class SafetensorsFile(Source):
                 numel *= s
             nbytes = numel * torch.empty((), dtype=dtype).element_size()
             if end - begin != nbytes or begin < 0:
-                raise PactMergeError(f"{path}: corrupt safetensors file: parameter {name!r} has {end - begin} bytes, expected {nbytes}")
+                raise PactMergeError(
+                    f"{path}: corrupt safetensors file: parameter {name!r} has {end - begin} bytes, expected {nbytes}"
+                )
             if end > data_len:
-                raise PactMergeError(f"{path}: truncated safetensors file: parameter {name!r} ends past the end of the file")
+                raise PactMergeError(
+                    f"{path}: truncated safetensors file: parameter {name!r} ends past the end of the file"
+                )
             self._meta[name] = (shape, dtype)
             self._offsets[name] = (begin, end)
         # Keep the checkpoint's own order of parameters (by file offset), as written.
@@ -150,14 +157,13 @@ class SafetensorsFile(Source):
         stop = self._data_start + end
         buf = torch.empty(end - begin, dtype=torch.uint8)
         if end > begin:
+            assert self._mm is not None  # a non-empty range implies a non-empty, mapped file
             buf.numpy()[:] = memoryview(self._mm)[start:stop]
             # Drop the mapped pages from this process's resident set (they stay in the page
             # cache): otherwise RSS would grow to the whole checkpoint over a merge.
             aligned = start - start % _PAGE
-            try:
+            with contextlib.suppress(AttributeError, OSError, ValueError):
                 self._mm.madvise(mmap.MADV_DONTNEED, aligned, stop - aligned)
-            except (AttributeError, OSError, ValueError):
-                pass
         return buf.view(dtype).reshape(shape)
 
     def close(self) -> None:
@@ -181,7 +187,7 @@ class TorchFile(Source):
                 if "mmap" not in str(e):
                     raise
                 state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-        except Exception as e:  # noqa: BLE001 -- torch raises many types for a bad file
+        except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise PactMergeError(f"{path}: cannot load as a weights-only PyTorch state dict ({first})") from None
         if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
@@ -209,7 +215,9 @@ class MultiFileSource(Source):
         for part in parts:
             for name in part.names():
                 if name in self._where:
-                    raise PactMergeError(f"{label}: parameter {name!r} appears in two shards ({self._where[name].label}, {part.label})")
+                    raise PactMergeError(
+                        f"{label}: parameter {name!r} appears in two shards ({self._where[name].label}, {part.label})"
+                    )
                 self._where[name] = part
                 self._meta[name] = (part.shape(name), part.dtype(name))
 
@@ -229,7 +237,9 @@ def _open_file(path: Path, folder: Path | None = None) -> Source:
         return SafetensorsFile(path, folder)
     if path.suffix in (".bin", ".pt", ".pth"):
         return TorchFile(path, folder)
-    raise PactMergeError(f"{path}: unsupported checkpoint file (expected .safetensors, .bin, .pt or an HF model folder)")
+    raise PactMergeError(
+        f"{path}: unsupported checkpoint file (expected .safetensors, .bin, .pt or an HF model folder)"
+    )
 
 
 def _open_index(folder: Path, index: Path) -> Source:
@@ -247,7 +257,9 @@ def _open_index(folder: Path, index: Path) -> Source:
     src = MultiFileSource(str(folder), parts, folder)
     missing = [n for n in weight_map if n not in src]
     if missing:
-        raise PactMergeError(f"{index}: parameter {missing[0]!r} is listed but not in its shard {weight_map[missing[0]]}")
+        raise PactMergeError(
+            f"{index}: parameter {missing[0]!r} is listed but not in its shard {weight_map[missing[0]]}"
+        )
     return src
 
 

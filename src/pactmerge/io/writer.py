@@ -16,6 +16,7 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import Tensor
@@ -68,12 +69,14 @@ class ShardedWriter:
             groups[-1].append(entry)
             size += nbytes
         n = len(groups)
-        self.files = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        self.files = (
+            ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        )
         self._groups = groups
         self._order = [(g, entry) for g, group in enumerate(groups) for entry in group]
         self._next = 0
         self._open_group = -1
-        self._fh = None
+        self._fh: BinaryIO | None = None
         self.total_bytes = sum(_nbytes(s, d) for _, s, d in layout)
 
     def _start_shard(self, g: int) -> None:
@@ -83,12 +86,17 @@ class ShardedWriter:
         offset = 0
         for name, shape, dtype in self._groups[g]:
             nbytes = _nbytes(shape, dtype)
-            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": _DTYPE_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
-        self._fh = open(self.folder / self.files[g], "wb")
-        self._fh.write(struct.pack("<Q", len(raw)) + raw)
+        fh = open(self.folder / self.files[g], "wb")  # noqa: SIM115 -- one shard stays open across add() calls
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        self._fh = fh
         self._open_group = g
 
     def add(self, name: str, tensor: Tensor) -> None:
@@ -96,11 +104,14 @@ class ShardedWriter:
             raise RuntimeError(f"writer: unexpected tensor {name!r} (every planned tensor was written)")
         g, (want, shape, dtype) = self._order[self._next]
         if name != want or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-            raise RuntimeError(f"writer: got {name!r} {list(tensor.shape)} {tensor.dtype}, planned {want!r} {list(shape)} {dtype}")
+            raise RuntimeError(
+                f"writer: got {name!r} {list(tensor.shape)} {tensor.dtype}, planned {want!r} {list(shape)} {dtype}"
+            )
         if g != self._open_group:
             self._start_shard(g)
         if tensor.numel():
-            self._fh.write(memoryview(tensor.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy()))
+            assert self._fh is not None  # _start_shard opened it
+            self._fh.write(tensor.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy().data)
         self._next += 1
 
     def close(self) -> list[str]:
@@ -109,6 +120,7 @@ class ShardedWriter:
             raise RuntimeError(f"writer: only {self._next} of {len(self._order)} planned tensors were written")
         if self._open_group < 0:  # nothing planned: an empty but valid file
             self._start_shard(0)
+        assert self._fh is not None
         self._fh.close()
         self._fh = None
         if len(self.files) > 1:
@@ -122,7 +134,11 @@ def copy_non_weight_files(src: Path, dst: Path) -> list[str]:
     """Copy config, tokenizer and other non-weight files of an HF folder (top level only)."""
     copied = []
     for f in sorted(src.iterdir()):
-        if not f.is_file() or any(f.match(p) for p in WEIGHT_FILE_PATTERNS) or f.name in ("README.md", "pactmerge_config.yaml"):
+        if (
+            not f.is_file()
+            or any(f.match(p) for p in WEIGHT_FILE_PATTERNS)
+            or f.name in ("README.md", "pactmerge_config.yaml")
+        ):
             continue
         shutil.copy2(f, dst / f.name)
         copied.append(f.name)

@@ -1,5 +1,5 @@
 """Consensus Merging with TALL masks (Wang et al. 2024, "Localizing task information for improved
-model merging and compression"; merging-survey.txt, section "TALL-Masks and Consensus Merging").
+model merging and compression"; "Model Merging Overview" survey, "TALL-Masks and Consensus Merging").
 
 For task vectors ``Delta_t`` (any shape), entrywise::
 
@@ -40,7 +40,9 @@ class ConsensusParams(Params):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     k: int = Field(2, ge=0, description="an entry is kept when at least k TALL masks select it")
-    lambda_: float = Field(0.6, ge=0.0, alias="lambda", description="default lambda_t (a model's parameters.lambda overrides)")
+    lambda_: float = Field(
+        0.6, ge=0.0, alias="lambda", description="default lambda_t (a model's parameters.lambda overrides)"
+    )
     base_method: Literal["task_arithmetic", "ties"] = "task_arithmetic"
     ties: TiesParams = Field(default_factory=TiesParams, description="TIES options when base_method is ties")
 
@@ -50,7 +52,9 @@ def task_lambdas(ctx: ParamContext, p: ConsensusParams) -> list[float]:
     for i, mp in enumerate(ctx.model_params):
         lam = mp.get("lambda", p.lambda_)
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
-            raise PactMergeError(f"config key 'models[{i}].parameters.lambda' (consensus): must be a number >= 0, got {lam!r}")
+            raise PactMergeError(
+                f"config key 'models[{i}].parameters.lambda' (consensus): must be a number >= 0, got {lam!r}"
+            )
         out.append(float(lam))
     return out
 
@@ -76,7 +80,9 @@ def consensus(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: Consensu
     """Consensus merging: base method (TA or TIES) masked to entries >= k TALL masks agree on."""
     mask = consensus_mask(deltas, task_lambdas(ctx, p), p.k)
     if p.base_method == "ties":
-        merged = ties_merge(deltas, ctx.weights, thresholds_for(deltas, ctx, p.ties, ctx.stats.get("consensus")), p.ties.aggregate)
+        merged = ties_merge(
+            deltas, ctx.weights, thresholds_for(deltas, ctx, p.ties, ctx.stats.get("consensus")), p.ties.aggregate
+        )
     else:
         merged = weighted_sum(deltas, ctx.weights)
     return torch.where(mask, merged, torch.zeros((), dtype=merged.dtype, device=merged.device))

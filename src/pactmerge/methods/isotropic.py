@@ -9,7 +9,7 @@ zero (below ``rank_rtol * S[0]``) get no update. sigma_bar stays the mean over a
 values, so the two forms differ only on those null directions, whose singular vectors are
 arbitrary (whatever LAPACK completes the basis with). After PACT with T >= 3 tasks the sum has
 exactly such a null space -- the pretrained core PACT protects -- and the literal form writes
-sigma_bar into it (../shared/notes/pact-composition.md).
+sigma_bar into it (README, "Composing PACT with spectrum-flattening methods").
 
 Iso-CTS (``iso_cts``, below) adds task-specific directions to the common subspace; see its docstring.
 
@@ -27,7 +27,7 @@ from pydantic import Field
 from torch import Tensor
 
 from pactmerge.linalg import numerical_rank, polar_factor
-from pactmerge.lowrank import LowRankDelta, all_lowrank, densify, factor_svd, scale_delta, stacked_svd
+from pactmerge.lowrank import Delta, LowRankDelta, all_lowrank, densify, factor_svd, scale_delta, stacked_svd
 from pactmerge.methods.task_arithmetic import weighted_sum
 from pactmerge.registry import ParamContext, Params, register_method
 
@@ -54,7 +54,9 @@ def isotropic_flatten(m: Tensor, rank_aware: bool = True, rank_rtol: float | Non
     return sigma_bar * (u @ vh)
 
 
-def isotropic_flatten_lowrank(deltas: list[LowRankDelta], weights: list[float], rank_rtol: float | None = None) -> LowRankDelta:
+def isotropic_flatten_lowrank(
+    deltas: list[LowRankDelta], weights: list[float], rank_rtol: float | None = None
+) -> LowRankDelta:
     """The well-posed :func:`isotropic_flatten` of ``sum_t w_t B_t A_t`` from the stacked factors.
 
     sigma_bar = sum(S) / min(m, n): the dense spectrum's other values are zero."""
@@ -66,22 +68,26 @@ def isotropic_flatten_lowrank(deltas: list[LowRankDelta], weights: list[float], 
 
 
 @register_method("iso_c", params=IsoCParams, lowrank=True)
-def iso_c(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: IsoCParams) -> Tensor:
+def iso_c(base: Tensor, deltas: list[Delta], ctx: ParamContext, p: IsoCParams) -> Delta:
     """Iso-C: the spectrum of sum_t Delta_t flattened to its mean; 1-D parameters: mean of Delta_t."""
     if ctx.info.is_matrix and p.rank_aware and all_lowrank(deltas):
         return isotropic_flatten_lowrank(deltas, ctx.weights, p.rank_rtol)
-    deltas = densify(deltas)
+    dense = densify(deltas)
     if not ctx.info.is_matrix:
-        return mean_of(deltas)
-    return isotropic_flatten(weighted_sum(deltas, ctx.weights), p.rank_aware, p.rank_rtol)
+        return mean_of(dense)
+    return isotropic_flatten(weighted_sum(dense, ctx.weights), p.rank_aware, p.rank_rtol)
 
 
 # -- Iso-CTS ----------------------------------------------------------------------------------
 
 
 class IsoCtsParams(Params):
-    common_space_fraction: float = Field(0.8, ge=0.0, le=1.0, description="f: share of the r directions taken from the common subspace")
-    rank_aware: bool = Field(True, description="drop null directions, polar factors on the numerical range (False: literal)")
+    common_space_fraction: float = Field(
+        0.8, ge=0.0, le=1.0, description="f: share of the r directions taken from the common subspace"
+    )
+    rank_aware: bool = Field(
+        True, description="drop null directions, polar factors on the numerical range (False: literal)"
+    )
     rank_rtol: float | None = Field(None, gt=0, description="null tolerance (relative); default max(m,n)*eps")
 
 
@@ -161,7 +167,7 @@ def iso_cts_merge_lowrank(deltas: list[LowRankDelta], f: float, rank_rtol: float
 
 
 @register_method("iso_cts", params=IsoCtsParams, lowrank=True)
-def iso_cts(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: IsoCtsParams) -> Tensor:
+def iso_cts(base: Tensor, deltas: list[Delta], ctx: ParamContext, p: IsoCtsParams) -> Delta:
     """Iso-CTS: common + task-specific singular directions, polar-whitened, one flat spectrum; 1-D: mean.
 
     For a 2-D parameter (``m x n``, r = min(m, n)) with task vectors ``Delta_t`` (scaled by the
@@ -175,7 +181,7 @@ def iso_cts(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: IsoCtsPara
         merged = sigma_bar * polar(U*) polar(V*)^T
 
     sigma_bar is the mean of the r singular values that were kept (common and task-specific), as
-    the survey's formula (merging-survey.txt, "Isotropic Model Merging") and the reference code
+    the survey's formula ("Model Merging Overview", "Isotropic Model Merging") and the reference code
     have it -- not the mean of the spectrum of sum_t Delta_t alone (that is Iso-C's). 1-D
     parameters: mean of the task vectors.
 
@@ -189,7 +195,7 @@ def iso_cts(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: IsoCtsPara
     scaled = [scale_delta(d, w) for d, w in zip(deltas, ctx.weights)]
     if ctx.info.is_matrix and p.rank_aware and all_lowrank(scaled):
         return iso_cts_merge_lowrank(scaled, p.common_space_fraction, p.rank_rtol)
-    scaled = densify(scaled)
+    dense = densify(scaled)
     if not ctx.info.is_matrix:
-        return mean_of(scaled)
-    return iso_cts_merge(scaled, p.common_space_fraction, p.rank_aware, p.rank_rtol)
+        return mean_of(dense)
+    return iso_cts_merge(dense, p.common_space_fraction, p.rank_aware, p.rank_rtol)

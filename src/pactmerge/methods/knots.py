@@ -47,10 +47,14 @@ _DARE_SALT = 7919  # keeps KnOTS's DARE draws apart from a `dare` filter's on th
 
 
 class KnotsParams(Params):
-    base_method: Literal["task_arithmetic", "ties"] = Field("task_arithmetic", description="how the aligned V_t are merged")
+    base_method: Literal["task_arithmetic", "ties"] = Field(
+        "task_arithmetic", description="how the aligned V_t are merged"
+    )
     density: float = Field(0.2, gt=0.0, le=1.0, description="ties: fraction of each V_t's entries kept")
     aggregate: Literal["mean", "sum"] = Field("mean", description="ties: disjoint mean or sum")
-    trim_count: Literal["floor", "floor_plus_1", "floor_at_least_1"] = Field("floor", description="ties: k rule (see ties)")
+    trim_count: Literal["floor", "floor_plus_1", "floor_at_least_1"] = Field(
+        "floor", description="ties: k rule (see ties)"
+    )
     dare_p: float = Field(0.0, ge=0.0, lt=1.0, description="DARE drop probability applied to each V_t (0: off)")
     rank_aware: bool = Field(True, description="keep only the numerical rank of the concatenation (False: literal)")
     rank_rtol: float | None = Field(None, gt=0, description="null tolerance relative to S[0]; default max(m, Tn)*eps")
@@ -84,7 +88,8 @@ def merge_coordinates(vs: list[Tensor], ctx: ParamContext, p: KnotsParams) -> Te
     """The base method (after DARE) on same-shape matrices ``vs``, with the models' weights."""
     if p.dare_p > 0:
         vs = [
-            torch.where(dare_mask(v.shape, p.dare_p, ctx.generator(salt=_DARE_SALT + t)).to(v.device), v, 0.0) / (1 - p.dare_p)
+            torch.where(dare_mask(v.shape, p.dare_p, ctx.generator(salt=_DARE_SALT + t)).to(v.device), v, 0.0)
+            / (1 - p.dare_p)
             for t, v in enumerate(vs)
         ]
     if p.base_method == "task_arithmetic":
@@ -96,13 +101,15 @@ def merge_coordinates(vs: list[Tensor], ctx: ParamContext, p: KnotsParams) -> Te
 
 @register_method("knots", params=KnotsParams, lowrank=True)
 def knots(base: Tensor, deltas: list, ctx: ParamContext, p: KnotsParams):
-    """KnOTS: SVD of [Delta_1 ... Delta_T] = U S [V_1 ... V_T], merge the V_t (TA or TIES, optional DARE), U S V_merged."""
+    """KnOTS: SVD of [Delta_1 ... Delta_T] = U S [V_1 ... V_T], merge the V_t (TA/TIES, optional DARE), U S V_merged."""
     if not ctx.info.is_matrix:
         deltas = densify(deltas)
         if p.base_method == "task_arithmetic":
             return weighted_sum(deltas, ctx.weights)
         tp = _ties(p)
-        return ties_merge(deltas, ctx.weights, [kth_largest_magnitude(d, trim_count(d.numel(), tp)) for d in deltas], p.aggregate)
+        return ties_merge(
+            deltas, ctx.weights, [kth_largest_magnitude(d, trim_count(d.numel(), tp)) for d in deltas], p.aggregate
+        )
     lowrank = all_lowrank(deltas)
     m, n = deltas[0].shape
     u, s, vs = knots_svd(deltas)

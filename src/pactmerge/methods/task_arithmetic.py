@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from pactmerge.lowrank import all_lowrank, densify, lowrank_sum
+from pactmerge.lowrank import Delta, all_lowrank, densify, lowrank_sum
 from pactmerge.registry import NoParams, ParamContext, register_method
 
 
@@ -20,7 +20,7 @@ def weighted_sum(deltas: list[Tensor], weights: list[float]) -> Tensor:
 
 
 @register_method("task_arithmetic", params=NoParams, lowrank=True)
-def task_arithmetic(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: NoParams) -> Tensor:
+def task_arithmetic(base: Tensor, deltas: list[Delta], ctx: ParamContext, p: NoParams) -> Delta:
     """sum_t w_t * Delta_t (w_t = the model's `weight`, default 1); alpha scales the result."""
     if all_lowrank(deltas):
         return lowrank_sum(deltas, ctx.weights)

@@ -53,7 +53,8 @@ and re-runs the filters before the method (deterministic, so the merge pass sees
 
 from __future__ import annotations
 
-from typing import Iterable, Literal
+from collections.abc import Iterable
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -67,7 +68,9 @@ _COLLECT = 1 << 22
 
 class TiesParams(Params):
     density: float = Field(0.2, gt=0.0, le=1.0, description="fraction k/n of entries kept per task in the trim step")
-    scope: Literal["model", "tensor"] = Field("model", description="top-k over the whole model (paper) or per parameter")
+    scope: Literal["model", "tensor"] = Field(
+        "model", description="top-k over the whole model (paper) or per parameter"
+    )
     aggregate: Literal["mean", "sum"] = Field("mean", description="disjoint mean (paper) or disjoint sum")
     trim_count: Literal["floor", "floor_plus_1", "floor_at_least_1"] = Field(
         "floor", description="k = floor(density n) (paper); +1 (TIES code, fusion_bench); max(1, .) (mergekit)"
@@ -94,7 +97,10 @@ def kth_largest_magnitude(d: Tensor, k: int) -> float:
 
 def ties_merge(deltas: list[Tensor], weights: list[float], thresholds: list[float], aggregate: str) -> Tensor:
     """Trim (keep ``|Delta_t| >= thresholds[t]``), elect the sign of sum_t w_t D_t, disjoint merge."""
-    trimmed = [torch.where(d.abs() >= tau, d, torch.zeros((), dtype=d.dtype, device=d.device)) for d, tau in zip(deltas, thresholds)]
+    trimmed = [
+        torch.where(d.abs() >= tau, d, torch.zeros((), dtype=d.dtype, device=d.device))
+        for d, tau in zip(deltas, thresholds)
+    ]
     elected = torch.zeros_like(trimmed[0])
     for d, w in zip(trimmed, weights):
         elected.add_(d, alpha=w)
@@ -162,6 +168,7 @@ class _Select:
             self.result = _bits_to_float(int(torch.kthvalue(vals, vals.numel() - self.need + 1).values), self.width)
             return
         h = self.hist
+        assert h is not None  # observe() ran during this pass
         self.hist = None
         above = torch.flip(torch.cumsum(torch.flip(h, [0]), 0), [0])  # above[d] = count of digits >= d
         d = int((above >= self.need).nonzero().max())
@@ -179,7 +186,7 @@ def model_thresholds(stream: Iterable, p: TiesParams) -> list[float]:
     sel: list[_Select] | None = None
     ks: list[int] = []
     while True:
-        for ctx, base, deltas in stream:
+        for _ctx, _base, deltas in stream:
             if sel is None:
                 sel = [_Select() for _ in deltas]
             for s, d in zip(sel, deltas):
@@ -199,7 +206,7 @@ def model_thresholds(stream: Iterable, p: TiesParams) -> list[float]:
             if s.result is None:
                 s.finish_pass()
         if all(s.result is not None for s in sel):
-            return [float(s.result) for s in sel]
+            return [float(s.result) for s in sel if s.result is not None]
 
 
 def ties_prepare(stream, p: TiesParams) -> dict:
@@ -210,6 +217,8 @@ def ties_prepare(stream, p: TiesParams) -> dict:
 
 def thresholds_for(deltas: list[Tensor], ctx: ParamContext, p: TiesParams, stats: dict | None) -> list[float]:
     if p.scope == "model":
+        if stats is None:
+            raise RuntimeError("ties: scope 'model' needs the thresholds of its prepare pass")
         return stats["thresholds"]
     return [kth_largest_magnitude(d, trim_count(d.numel(), p)) for d in deltas]
 

@@ -1,5 +1,5 @@
 """TSV-M: Task Singular Vectors Merging (Gargiulo et al. 2025, "Task singular vectors: reducing
-task interference in model merging"; merging-survey.txt, section TSV-Merging and Appendix 12.1).
+task interference in model merging"; "Model Merging Overview" survey, TSV-Merging and its Appendix 12.1).
 
 For a 2-D parameter with ``T`` task vectors ``Delta_t = U_t S_t V_t^T`` (``m x n``, r = min(m, n)),
 each task keeps its top ``k = floor(r / T)`` singular triplets::
@@ -22,7 +22,7 @@ polar factors are taken on the numerical range of U^ and V^ only
 task has rank >= k and U^, V^ have full column rank; they differ when the concatenated bases are
 rank-deficient -- e.g. after PACT with T >= 4 every filtered task vector annihilates the core
 V_{0,K}, so V^ has at most n - K independent columns, and the literal polar factor completes it
-with arbitrary directions that land in that core (../shared/notes/pact-composition.md).
+with arbitrary directions that land in that core (README, "Composing PACT with spectrum-flattening methods").
 ``rank_aware: false`` is the literal formula.
 
 LoRA adapters (every task vector a :class:`~pactmerge.lowrank.LowRankDelta`): in the well-posed
@@ -38,34 +38,37 @@ from pydantic import Field
 from torch import Tensor
 
 from pactmerge.linalg import numerical_rank, polar_factor
-from pactmerge.lowrank import LowRankDelta, all_lowrank, densify, factor_svd, scale_delta
+from pactmerge.lowrank import Delta, LowRankDelta, all_lowrank, densify, factor_svd, scale_delta
 from pactmerge.methods.isotropic import mean_of
 from pactmerge.registry import ParamContext, Params, register_method
 
 
 class TsvParams(Params):
-    rank_aware: bool = Field(True, description="drop null triplets, polar factors on the numerical range (False: literal)")
-    rank_rtol: float | None = Field(None, gt=0, description="null tolerance relative to the largest singular value; default max(m,n)*eps")
+    rank_aware: bool = Field(
+        True, description="drop null triplets, polar factors on the numerical range (False: literal)"
+    )
+    rank_rtol: float | None = Field(
+        None, gt=0, description="null tolerance relative to the largest singular value; default max(m,n)*eps"
+    )
 
 
-def tsv_merge(deltas: list, rank_aware: bool = True, rank_rtol: float | None = None):
+def tsv_merge(deltas: list[Delta], rank_aware: bool = True, rank_rtol: float | None = None) -> Delta:
     """U_perp diag(S^) V_perp^T for ``T`` matrices ``deltas`` of shape ``(m, n)`` (see module doc).
 
     All :class:`LowRankDelta` with ``rank_aware``: from the factors, returned as a LowRankDelta."""
     lowrank = rank_aware and all_lowrank(deltas)
-    deltas = deltas if lowrank else densify(deltas)
     m, n = deltas[0].shape
     k = min(m, n) // len(deltas)
     us, ss, vs = [], [], []
-    for d in deltas:
-        u, s, vh = factor_svd(d) if lowrank else torch.linalg.svd(d, full_matrices=False)
+    for d in deltas if lowrank else densify(deltas):
+        u, s, vh = factor_svd(d) if isinstance(d, LowRankDelta) else torch.linalg.svd(d, full_matrices=False)
         keep = min(k, numerical_rank(s, (m, n), rank_rtol)) if rank_aware else k
         us.append(u[:, :keep])
         ss.append(s[:keep])
         vs.append(vh[:keep].mT)
     u_cat, s_cat, v_cat = torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 1)
     if s_cat.numel() == 0:
-        return LowRankDelta(u_cat, v_cat.mT) if lowrank else torch.zeros_like(deltas[0])
+        return LowRankDelta(u_cat, v_cat.mT) if lowrank else torch.zeros((m, n), dtype=u_cat.dtype, device=u_cat.device)
     u_perp = polar_factor(u_cat, rank_rtol, literal=not rank_aware)
     v_perp = polar_factor(v_cat, rank_rtol, literal=not rank_aware)
     if lowrank:
@@ -74,7 +77,7 @@ def tsv_merge(deltas: list, rank_aware: bool = True, rank_rtol: float | None = N
 
 
 @register_method("tsv_m", params=TsvParams, lowrank=True)
-def tsv_m(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: TsvParams) -> Tensor:
+def tsv_m(base: Tensor, deltas: list[Delta], ctx: ParamContext, p: TsvParams) -> Delta:
     """TSV-M: each task's top floor(r/T) singular triplets, U and V whitened by polar factors; 1-D: mean."""
     scaled = [scale_delta(d, w) for d, w in zip(deltas, ctx.weights)]
     if not ctx.info.is_matrix:

@@ -13,13 +13,13 @@ from __future__ import annotations
 from torch import Tensor
 
 from pactmerge.errors import PactMergeError
-from pactmerge.lowrank import all_lowrank, densify, lowrank_sum
+from pactmerge.lowrank import Delta, all_lowrank, densify, lowrank_sum
 from pactmerge.methods.task_arithmetic import weighted_sum
 from pactmerge.registry import NoParams, ParamContext, register_method
 
 
 @register_method("weight_average", params=NoParams, lowrank=True)
-def weight_average(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: NoParams) -> Tensor:
+def weight_average(base: Tensor, deltas: list[Delta], ctx: ParamContext, p: NoParams) -> Delta:
     """sum_t w_t Delta_t / sum_t w_t: the (weighted) mean of the fine-tuned weights at alpha = 1."""
     total = float(sum(ctx.weights))
     if total == 0.0:
