@@ -60,6 +60,9 @@ class ParamInfo:
     kind: str  # "matrix" (2-D, merged by the SVD-aware path), "vector" (other float), "copy" (int/bool/excluded)
     layer: int | None  # layer index parsed from the name (see plan.layer_position)
     depth_fraction: float  # position of the layer in (0, 1]: filters with depth d apply when <= d
+    num_models: int = 0  # how many task vectors the method will receive (0: not known, e.g. a hand-made info)
+    layer_rank: int | None = None  # 0-based rank of `layer` among the model's distinct layer indices
+    num_layers: int = 0  # how many distinct layer indices the model has
 
     @property
     def is_matrix(self) -> bool:
