@@ -17,7 +17,7 @@ from pactmerge.analysis.cli import analyze_command
 from pactmerge.analysis.components import classify
 from pactmerge.analysis.metrics import param_metrics
 from pactmerge.config import load_config
-from pactmerge.engine import _read_deltas, open_inputs
+from pactmerge.engine import open_inputs, read_deltas
 from pactmerge.errors import PactMergeError
 from pactmerge.filters.pact import PactParams, pact, pact_subspaces
 from pactmerge.plan import make_context
@@ -267,7 +267,7 @@ def test_analyze_sees_exactly_what_the_merge_filter_sees(ckpts):
                 continue
             e = res["parameters"][info.name]
             ctx = make_context(inputs.cfg, info)
-            b, deltas = _read_deltas(inputs, info, torch.device("cpu"))
+            b, deltas = read_deltas(inputs, info, torch.device("cpu"))
             filtered = pact(b, [d.clone() for d in deltas], ctx, params)
             assert e["pact_applied"] == info.in_depth(0.5)
             for t, (d, f) in enumerate(zip(deltas, filtered)):

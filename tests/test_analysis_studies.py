@@ -23,7 +23,7 @@ from pactmerge.analysis.fisher import (
 )
 from pactmerge.analysis.stream import analysis_setup
 from pactmerge.config import load_config
-from pactmerge.engine import _read_deltas, open_inputs
+from pactmerge.engine import open_inputs, read_deltas
 from pactmerge.errors import PactMergeError
 from pactmerge.synthetic import make_checkpoints
 
@@ -87,7 +87,7 @@ def test_collected_bases_are_the_merges_lbw_subspaces(tmp_path, rng):
         assert bases and all(b.info.in_depth(0.5) for b in bases)
         assert len(bases) < sum(1 for i in inputs.plan.params if i.is_matrix)  # the deeper half is not ablated
         for b in bases:
-            th0, deltas = _read_deltas(inputs, b.info, torch.device("cpu"))
+            th0, deltas = read_deltas(inputs, b.info, torch.device("cpu"))
             th0, deltas = th0.double().numpy(), [d.double().numpy() for d in deltas]
             n = th0.shape[1]
             v0 = np_top_right(th0, 4)

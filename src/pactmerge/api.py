@@ -136,16 +136,13 @@ def _merge_card(cfg: MergeConfig, inputs, files: list[str], copied: list[str], s
     def label(src: Source) -> str:
         return src.label
 
-    filters = [spec.name for spec, _ in cfg.resolved_filters()]
     lines = [
         "---",
         "tags: [merge, pactmerge]",
         "---",
         "# Merged model",
         "",
-        f"Merged with pactmerge {__version__}: method `{cfg.method}`"
-        + (f" after filters `{' -> '.join(filters)}`" if filters else "")
-        + f", alpha = {cfg.alpha}.",
+        f"Merged with pactmerge {__version__}: `{cfg.pipeline.describe()}`, alpha = {cfg.alpha}.",
         "",
         f"- base model: `{label(inputs.base)}`",
         *[f"- model {i}: `{label(s)}` (weight {m.weight})" for i, (s, m) in enumerate(zip(inputs.models, cfg.models))],
@@ -177,7 +174,7 @@ def dry_run(config: MergeConfig | dict | str | os.PathLike, progress: bool = Fal
         for info in tqdm(inputs.plan.params, desc="checking", unit="param", disable=not progress, file=sys.stderr):
             for src in [inputs.base, *inputs.models]:
                 check_finite(src.get(info.name), src.file_of(info.name), info.name)
-        depth = [(spec.name, getattr(p, "depth", 1.0)) for spec, p in cfg.resolved_filters()]
+        depth = [(stage.name, stage.depth) for stage in cfg.pipeline.filters]
         return inputs.plan.describe(depth)
     finally:
         inputs.close()

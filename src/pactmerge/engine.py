@@ -20,7 +20,7 @@ LoRA adapters (``pactmerge.io.lora``): an adapter's ``Delta_t`` of a 2-D weight 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +31,7 @@ from pactmerge.config import DTYPES, MergeConfig
 from pactmerge.errors import PactMergeError
 from pactmerge.io.sources import Source
 from pactmerge.lowrank import Delta, add_to, densify, tensors_of
+from pactmerge.pipeline import Pipeline, Stage
 from pactmerge.plan import Plan, build_plan, check_finite, make_context
 from pactmerge.registry import ParamContext, ParamInfo
 
@@ -87,16 +88,16 @@ def open_inputs(cfg: MergeConfig) -> MergeInputs:
 
 def check_plan(inputs: MergeInputs) -> None:
     """Let every method/filter reject parameters up front (e.g. a rank out of range)."""
-    specs = [inputs.cfg.resolved_method(), *inputs.cfg.resolved_filters()]
+    stages = inputs.cfg.pipeline.stages
     for info in inputs.plan.params:
         if info.kind == "copy":
             continue
-        for spec, params in specs:
-            if spec.check is not None:
-                spec.check(params, info)
+        for stage in stages:
+            if stage.spec.check is not None:
+                stage.spec.check(stage.params, info)
 
 
-def _read_deltas(
+def read_deltas(
     inputs: MergeInputs, info: ParamInfo, device: torch.device, lowrank: bool = False
 ) -> tuple[Tensor, list[Delta]]:
     """``(theta_0, [Delta_t])`` of one parameter in the compute dtype on ``device``. An adapter's
@@ -127,20 +128,35 @@ def _read_deltas(
     return base, deltas
 
 
-def _as_accepted(spec, deltas: list) -> list:
-    """Task vectors as ``spec`` accepts them: dense unless it was registered ``lowrank=True``."""
-    return deltas if spec.lowrank else densify(deltas)
+def accepted(stage: Stage, deltas: list[Delta]) -> list[Delta]:
+    """Task vectors as ``stage`` accepts them: dense unless it was registered ``lowrank=True``."""
+    return deltas if stage.spec.lowrank else list(densify(deltas))
 
 
-def _apply_filters(filters, base, deltas, ctx, upto: int | None = None) -> list[Delta]:
-    for spec, params in filters[:upto]:
-        deltas = spec.fn(base, _as_accepted(spec, deltas), ctx, params)
+def apply_filters(stages: Sequence[Stage], base: Tensor, deltas: list[Delta], ctx: ParamContext) -> list[Delta]:
+    """Run filter ``stages`` in order on one parameter's task vectors."""
+    for stage in stages:
+        deltas = stage.spec.fn(base, accepted(stage, deltas), ctx, stage.params)
     return deltas
 
 
-def _split_stages(filters):
-    """(pre filters, post filters), each in configured order (see registry: ``Spec.stage``)."""
-    return [f for f in filters if f[0].stage == "pre"], [f for f in filters if f[0].stage == "post"]
+def merge_parameter(pipeline: Pipeline, base: Tensor, deltas: list[Delta], ctx: ParamContext) -> Delta:
+    """One parameter through the pipeline: pre filters, the method, post filters.
+
+    Args:
+        base: ``theta_0`` in the compute dtype.
+        deltas: the ``T`` task vectors (dense, or :class:`LowRankDelta` for adapters).
+        ctx: the parameter's context (:func:`pactmerge.plan.make_context`), with the prepare stats.
+
+    Returns:
+        The merged task vector (a :class:`LowRankDelta` only if every stage kept the factors).
+    """
+    deltas = apply_filters(pipeline.pre, base, deltas, ctx)
+    method = pipeline.method
+    merged = method.spec.fn(base, accepted(method, deltas), ctx, method.params)
+    del deltas
+    (merged,) = apply_filters(pipeline.post, base, [merged], ctx)
+    return merged
 
 
 class _Passes:
@@ -153,35 +169,32 @@ class _Passes:
         return self._make()
 
 
-def _run_prepare_passes(inputs: MergeInputs, device: torch.device, progress: bool) -> dict:
-    """Model-wide statistics for methods/filters that declare ``prepare`` (explicit first pass)."""
-    cfg = inputs.cfg
-    filters, post = _split_stages(cfg.resolved_filters())
-    method = cfg.resolved_method()
-    stats: dict = {}
-    stages = [(i, f) for i, f in enumerate(filters) if f[0].prepare is not None]
-    if method[0].prepare is not None:
-        stages.append((len(filters), method))
-    # A post filter's prepare sees the task vectors after every pre filter (not the merged ones).
-    stages += [(len(filters), f) for f in post if f[0].prepare is not None]
-    merged_params = [info for info in inputs.plan.params if info.kind != "copy"]
-    for position, (spec, params) in stages:
+def prepare_stats(inputs: MergeInputs, device: torch.device, progress: bool = False) -> dict:
+    """Model-wide statistics for the stages that declare ``prepare`` (explicit first passes).
 
-        def stream(position=position, spec=spec):
+    A pre filter's ``prepare`` sees the task vectors after the pre filters before it; the method's
+    and the post filters' see them after every pre filter. Returns ``{stage name: stats}``.
+    """
+    cfg = inputs.cfg
+    pre = cfg.pipeline.pre
+    stats: dict = {}
+    stages = [(i, f) for i, f in enumerate(pre) if f.spec.prepare is not None]
+    stages += [(len(pre), s) for s in (cfg.pipeline.method, *cfg.pipeline.post) if s.spec.prepare is not None]
+    merged_params = [info for info in inputs.plan.params if info.kind != "copy"]
+    for position, stage in stages:
+
+        def stream(position=position, stage=stage):
             # Each iteration over the stream is one full pass, with its own progress bar.
+            desc = f"{stage.name}: statistics pass"
             for info in tqdm(
-                merged_params,
-                desc=f"{spec.name}: statistics pass",
-                unit="param",
-                disable=not progress,
-                file=sys.stderr,
-                leave=False,
+                merged_params, desc=desc, unit="param", disable=not progress, file=sys.stderr, leave=False
             ):
                 ctx = make_context(cfg, info, stats)
-                base, deltas = _read_deltas(inputs, info, device, lowrank=True)
-                yield ctx, base, _as_accepted(spec, _apply_filters(filters, base, deltas, ctx, upto=position))
+                base, deltas = read_deltas(inputs, info, device, lowrank=True)
+                yield ctx, base, accepted(stage, apply_filters(pre[:position], base, deltas, ctx))
 
-        stats[spec.name] = spec.prepare(_Passes(stream), params)
+        assert stage.spec.prepare is not None
+        stats[stage.name] = stage.spec.prepare(_Passes(stream), stage.params)
     return stats
 
 
@@ -197,19 +210,14 @@ def iter_merged_deltas(
     """
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     cfg = inputs.cfg
-    filters, post = _split_stages(cfg.resolved_filters())
-    method_spec, method_params = cfg.resolved_method()
-    stats = _run_prepare_passes(inputs, device, progress)
+    stats = prepare_stats(inputs, device, progress)
     for info in tqdm(inputs.plan.params, desc="merging", unit="param", disable=not progress, file=sys.stderr):
         if info.kind == "copy":
             yield info, inputs.base.get(info.name), None
             continue
         ctx: ParamContext = make_context(cfg, info, stats)
-        base, deltas = _read_deltas(inputs, info, device, lowrank=True)
-        deltas = _apply_filters(filters, base, deltas, ctx)
-        merged = method_spec.fn(base, _as_accepted(method_spec, deltas), ctx, method_params)
-        del deltas
-        (merged,) = _apply_filters(post, base, [merged], ctx)
+        base, deltas = read_deltas(inputs, info, device, lowrank=True)
+        merged = merge_parameter(cfg.pipeline, base, deltas, ctx)
         for t in tensors_of(merged):
             check_finite(t, f"method {cfg.method}", info.name)
         yield info, base, merged if lowrank else densify([merged])[0]

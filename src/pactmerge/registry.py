@@ -31,13 +31,15 @@ them; for every other method/filter the engine densifies them first, one paramet
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
+
+from pactmerge.lowrank import Delta
 
 
 class NoParams(BaseModel):
@@ -94,9 +96,10 @@ class ParamContext:
         return g
 
 
-MethodFn = Callable[[Tensor, list[Tensor], ParamContext, Any], Tensor]
-FilterFn = Callable[[Tensor, list[Tensor], ParamContext, Any], list[Tensor]]
-PrepareFn = Callable[[Iterator[tuple[ParamContext, Tensor, list[Tensor]]], Any], Any]
+MethodFn = Callable[[Tensor, list[Delta], ParamContext, Any], Delta]
+FilterFn = Callable[[Tensor, list[Delta], ParamContext, Any], list[Delta]]
+# The stream is re-iterable: each `for` over it is one more full streaming pass over the inputs.
+PrepareFn = Callable[[Iterable[tuple[ParamContext, Tensor, list[Delta]]], Any], Any]
 CheckFn = Callable[[Any, ParamInfo], None]
 
 

@@ -117,7 +117,7 @@ def analyze(
             "models": [_ref(m.model) for m in cfg.models],
             "pact": setup.pact.model_dump(),
             "pact_configured": setup.pact_configured,
-            "pre_filters": [spec.name for spec, _ in setup.pre_filters],
+            "pre_filters": [stage.name for stage in setup.pre_filters],
             "dtype": cfg.dtype,
             "seed": cfg.seed,
             "exclude": list(cfg.exclude),

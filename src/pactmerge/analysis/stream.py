@@ -21,11 +21,12 @@ from tqdm.auto import tqdm
 
 from pactmerge.analysis.metrics import ParamMetrics, param_metrics
 from pactmerge.config import MergeConfig
-from pactmerge.engine import MergeInputs, _read_deltas
+from pactmerge.engine import MergeInputs, apply_filters, read_deltas
 from pactmerge.errors import PactMergeError
 from pactmerge.filters.pact import PactParams, PactSubspaces, pact_subspaces
+from pactmerge.pipeline import Stage
 from pactmerge.plan import make_context
-from pactmerge.registry import ParamInfo, Spec
+from pactmerge.registry import ParamInfo
 
 
 @dataclass
@@ -34,7 +35,7 @@ class AnalysisSetup:
 
     pact: PactParams
     pact_configured: bool  # False: the config runs no pact filter; its default parameters are used
-    pre_filters: list[tuple[Spec, object]] = field(default_factory=list)  # filters that run before pact
+    pre_filters: list[Stage] = field(default_factory=list)  # filters that run before pact
 
 
 def analysis_setup(cfg: MergeConfig) -> AnalysisSetup:
@@ -45,23 +46,19 @@ def analysis_setup(cfg: MergeConfig) -> AnalysisSetup:
         PactMergeError: K = 0 or k = 0 (no core or no active subspace: nothing to measure), or a
             filter before pact needs a model-wide first pass (not supported here).
     """
-    pre = []
-    for spec, params in cfg.resolved_filters():
-        if spec.name == "pact":
-            setup = AnalysisSetup(params, True, pre)
-            break
-        if spec.stage == "pre":
-            pre.append((spec, params))
+    pact = cfg.pipeline.first("pact")
+    if pact is not None:
+        setup = AnalysisSetup(pact.params, True, list(cfg.pipeline.pre_before("pact")))
     else:
         setup = AnalysisSetup(PactParams(), False, [])
     if (setup.pact.K == 0 and setup.pact.K_ratio is None) or (setup.pact.k == 0 and setup.pact.k_ratio is None):
         raise PactMergeError(
             f"analyze: pact.K={setup.pact.K}, pact.k={setup.pact.k}: both must be >= 1 for the LBW diagnostics"
         )
-    for spec, _ in setup.pre_filters:
-        if spec.prepare is not None:
+    for stage in setup.pre_filters:
+        if stage.spec.prepare is not None:
             raise PactMergeError(
-                f"analyze: filter {spec.name!r} before pact needs a first pass; not supported by analyze"
+                f"analyze: filter {stage.name!r} before pact needs a first pass; not supported by analyze"
             )
     return setup
 
@@ -111,9 +108,8 @@ def iter_subspaces(
     cfg, p = inputs.cfg, setup.pact
     for info in tqdm(params, desc=desc, unit="param", disable=not progress, file=sys.stderr):
         ctx = make_context(cfg, info)
-        base, deltas = _read_deltas(inputs, info, device)
-        for spec, fparams in setup.pre_filters:
-            deltas = spec.fn(base, deltas, ctx, fparams)
+        base, deltas = read_deltas(inputs, info, device)
+        deltas = apply_filters(setup.pre_filters, base, deltas, ctx)
         yield info, base, deltas, pact_subspaces(base, deltas, p, ctx)
         del base, deltas
 

@@ -1,0 +1,81 @@
+"""Loading a merge config from YAML or a mapping, and writing it back as YAML."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from pactmerge.config.schema import MergeConfig
+from pactmerge.errors import PactMergeError
+
+
+def _format_validation_error(e: ValidationError, source: str) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"]) or "<root>"
+    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return f"{source}: config key '{loc}': {msg}{more}"
+
+
+def load_config(data: Mapping | str | os.PathLike | MergeConfig) -> MergeConfig:
+    """A :class:`MergeConfig` from a mapping, a YAML file path, or an existing config."""
+    if isinstance(data, MergeConfig):
+        return data
+    source = "config"
+    base_dir = None
+    if not isinstance(data, Mapping):
+        path = Path(data)
+        source = str(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise PactMergeError(f"{path}: cannot read config ({e.strerror})") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise PactMergeError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, Mapping):
+            raise PactMergeError(f"{path}: the config must be a YAML mapping")
+        base_dir = path.parent
+        data = _resolve_paths(dict(data), base_dir)
+    try:
+        return MergeConfig.model_validate(dict(data))
+    except ValidationError as e:
+        raise PactMergeError(_format_validation_error(e, source)) from None
+    except PactMergeError as e:
+        raise PactMergeError(f"{source}: {e}") from None
+
+
+def _resolve_paths(data: dict, base_dir: Path) -> dict:
+    """Relative model paths are taken relative to the current directory if they exist there,
+    else relative to the config file's folder."""
+
+    def fix(p):
+        if isinstance(p, str) and not os.path.isabs(p) and not os.path.exists(p) and (base_dir / p).exists():
+            return str(base_dir / p)
+        return p
+
+    if "base_model" in data:
+        data["base_model"] = fix(data["base_model"])
+    if isinstance(data.get("models"), list):
+        data["models"] = [
+            {**m, "model": fix(m.get("model"))} if isinstance(m, dict) else fix(m) for m in data["models"]
+        ]
+    return data
+
+
+def config_to_yaml(cfg: MergeConfig) -> str:
+    """The config as YAML (in-memory state dicts written as a placeholder)."""
+    d = cfg.model_dump(mode="python")
+
+    def ref(x):
+        return str(x) if isinstance(x, (str, os.PathLike)) else "<in-memory state dict>"
+
+    d["base_model"] = ref(d["base_model"])
+    for m in d["models"]:
+        m["model"] = ref(m["model"])
+    return yaml.safe_dump(d, sort_keys=False)
