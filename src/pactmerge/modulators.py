@@ -191,9 +191,7 @@ class ModulatorWriter:
         base_model: path of the base model, recorded for :func:`materialize` (None for in-memory).
     """
 
-    def __init__(
-        self, folder: Path, tasks: Sequence[str], *, method: str, alpha: float, base_model: str | None = None
-    ):
+    def __init__(self, folder: Path, tasks: Sequence[str], *, method: str, alpha: float, base_model: str | None = None):
         self.dir = Path(folder) / FOLDER
         self.dir.mkdir(parents=True, exist_ok=True)
         self._files = [f"task_{t:03d}.safetensors" for t in range(len(tasks))]
@@ -273,9 +271,7 @@ def resolve_task(index: dict, task: int | str) -> dict:
     raise PactMergeError(f"task {task!r}: no such task (known: {known})")
 
 
-def iter_task_params(
-    merged: Source, base: Source, task_file: Source, index: dict
-) -> Iterator[tuple[str, Tensor]]:
+def iter_task_params(merged: Source, base: Source, task_file: Source, index: dict) -> Iterator[tuple[str, Tensor]]:
     """``(name, theta_t)`` for every parameter of the merged model, in its order (see module doc).
 
     Modulated parameters are computed in float64 when the base is float64, else float32, and cast

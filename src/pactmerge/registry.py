@@ -27,6 +27,10 @@ exactly (e.g. a k-th largest value by radix selection). ``check(p, info)`` may r
 ``lowrank=True`` declares that ``fn`` (and ``prepare``) accept task vectors given as
 :class:`pactmerge.lowrank.LowRankDelta` (LoRA adapters) mixed with dense tensors, and may return
 them; for every other method/filter the engine densifies them first, one parameter at a time.
+
+``task_specific=True`` declares a method that returns a :class:`pactmerge.modulators.TaskSpecific`
+(the shared merged task vector plus one modulator per task: a mask, a scale and/or a replacement)
+instead of a tensor, for parameters where it recovers each task's own update (TALL masks, TSV-C).
 """
 
 from __future__ import annotations
@@ -113,6 +117,7 @@ class Spec:
     doc: str = ""
     stage: str = "pre"  # filters only: "pre" (each task vector, before the method) or "post" (the merged one)
     lowrank: bool = False  # accepts pactmerge.lowrank.LowRankDelta task vectors; else the engine densifies them
+    task_specific: bool = False  # methods only: may return a pactmerge.modulators.TaskSpecific (per-task outputs)
 
 
 METHODS: dict[str, Spec] = {}
@@ -120,7 +125,15 @@ FILTERS: dict[str, Spec] = {}
 
 
 def _register(
-    table: dict[str, Spec], kind: str, name: str, params, prepare, check, stage: str = "pre", lowrank: bool = False
+    table: dict[str, Spec],
+    kind: str,
+    name: str,
+    params,
+    prepare,
+    check,
+    stage: str = "pre",
+    lowrank: bool = False,
+    task_specific: bool = False,
 ):
     if stage not in ("pre", "post"):
         raise ValueError(f"{kind} {name!r}: stage must be 'pre' or 'post', not {stage!r}")
@@ -128,14 +141,22 @@ def _register(
     def deco(fn):
         if name in table:
             raise RuntimeError(f"{kind} {name!r} registered twice")
-        table[name] = Spec(name, fn, params or NoParams, prepare, check, (fn.__doc__ or "").strip(), stage, lowrank)
+        doc = (fn.__doc__ or "").strip()
+        table[name] = Spec(name, fn, params or NoParams, prepare, check, doc, stage, lowrank, task_specific)
         return fn
 
     return deco
 
 
-def register_method(name: str, params: type[BaseModel] | None = None, prepare=None, check=None, lowrank: bool = False):
-    return _register(METHODS, "method", name, params, prepare, check, lowrank=lowrank)
+def register_method(
+    name: str,
+    params: type[BaseModel] | None = None,
+    prepare=None,
+    check=None,
+    lowrank: bool = False,
+    task_specific: bool = False,
+):
+    return _register(METHODS, "method", name, params, prepare, check, lowrank=lowrank, task_specific=task_specific)
 
 
 def register_filter(

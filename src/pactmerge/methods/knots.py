@@ -57,7 +57,7 @@ from torch import Tensor
 from pactmerge.filters.dare import dare_mask
 from pactmerge.linalg import numerical_rank
 from pactmerge.lowrank import LowRankDelta, all_lowrank, densify
-from pactmerge.methods.isotropic import isotropic_flatten, iso_cts_merge, mean_of
+from pactmerge.methods.isotropic import iso_cts_merge, isotropic_flatten, mean_of
 from pactmerge.methods.task_arithmetic import weighted_sum
 from pactmerge.methods.ties import (
     MappedStream,

@@ -61,7 +61,8 @@ def stock_ratio(deltas: list[Tensor], filter_wise: bool, average: str) -> Tensor
     stacked = torch.stack(cosines)
     cos = torch.cos(torch.acos(stacked).mean(0)) if average == "angle" else stacked.mean(0)
     denom = 1 + (n - 1) * cos
-    ratio = torch.where(denom.abs() < 1e-6, torch.zeros_like(cos), n * cos / torch.where(denom.abs() < 1e-6, 1.0, denom))
+    singular = denom.abs() < 1e-6  # no finite ratio: keep the anchor
+    ratio = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, 1.0, denom))
     return ratio.unsqueeze(1) if filter_wise else ratio.reshape(())
 
 
@@ -79,5 +80,3 @@ def model_stock(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: ModelS
         rows = avg.shape[0] if avg.ndim > 1 else 1
         return (avg.reshape(rows, -1) * ratio).reshape(avg.shape)
     return avg * ratio
-
-

@@ -160,7 +160,7 @@ def pcb_merge(deltas: list[Tensor], weights: list[float], betas: list[Tensor], t
 
 @register_method("pcb", params=PcbParams, prepare=_prepare)
 def pcb(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: PcbParams) -> Tensor:
-    """PCB-Merging: intra- and inter-balancing scores, drop all but the top-ratio scores per task, score-weighted mean."""
+    """PCB-Merging: intra- and inter-balancing scores; keep each task's top-ratio scores; score-weighted mean."""
     if p.scope == "model":
         prepared = ctx.stats.get("pcb")
         if not prepared:

@@ -53,7 +53,7 @@ class SlerpParams(Params):
 
     @field_validator("t")
     @classmethod
-    def _in_unit_interval(cls, v):
+    def _in_unit_interval(cls, v: float | list) -> float | list:
         values: list[float] = []
         for item in v if isinstance(v, list) else [v]:
             if isinstance(item, TRule):

@@ -28,7 +28,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from pactmerge.lowrank import LowRankDelta, densify
+from pactmerge.lowrank import Delta, LowRankDelta, densify
 from pactmerge.methods.isotropic import mean_of
 from pactmerge.methods.task_arithmetic import weighted_sum
 from pactmerge.methods.tsv import tsv_merge
@@ -49,7 +49,7 @@ def compress(d: Tensor, k: int) -> LowRankDelta:
     return LowRankDelta((u[:, :k] * s[:k]).contiguous(), vh[:k].contiguous())
 
 
-@register_method("tsv_c", params=TsvCParams)
+@register_method("tsv_c", params=TsvCParams, task_specific=True)
 def tsv_c(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: TsvCParams) -> TaskSpecific:
     """TSV-C: each task's top floor(fraction r) singular triplets as its own update; shared: TSV-M (or their sum)."""
     scaled = [d * w if w != 1.0 else d for d, w in zip(deltas, ctx.weights)]
@@ -59,7 +59,7 @@ def tsv_c(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: TsvCParams) 
     k = int(fraction * min(deltas[0].shape))
     compressed = [compress(d, k) for d in scaled]
     if p.shared == "tsv_m":
-        merged = densify([tsv_merge(scaled)])[0]
+        merged = densify([tsv_merge(list[Delta](scaled))])[0]
     else:
         merged = weighted_sum(densify(compressed), [1.0] * len(compressed))
     return TaskSpecific(merged, [Modulator(replacement=c) for c in compressed])
