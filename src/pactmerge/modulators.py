@@ -160,8 +160,9 @@ class _StreamingSafetensors:
         self._offset = 0
 
     def add(self, name: str, tensor: Tensor) -> None:
+        # Flatten before viewing as bytes: a contiguous tensor may keep odd strides on size-1 dims.
         t = tensor.detach().cpu().contiguous()
-        raw = t.view(torch.uint8).reshape(-1).numpy().tobytes() if t.numel() else b""
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         self._header[name] = {
             "dtype": _DTYPE_NAMES[t.dtype],
             "shape": list(t.shape),

@@ -39,8 +39,9 @@ def star_rank(s: Tensor, eta: float) -> int:
     total = s.sum()
     if total <= 0:
         return 0
-    reached = torch.cumsum(s, 0) >= (eta / 100.0) * total
-    return min(int(reached.to(torch.int64).argmax()) + 1, s.numel())
+    # Counting the partial sums below the target is robust to the last one rounding below the total.
+    short = torch.cumsum(s, 0) < (eta / 100.0) * total
+    return min(int(short.sum()) + 1, s.numel())
 
 
 def star_truncate(d: Tensor, eta: float) -> Tensor:

@@ -15,8 +15,11 @@ interference X causes on task t's own input subspace). ``solver``:
 
 * ``adam`` (default; the paper and fusion_bench): start at ``X = sum_t tau_t`` and take
   ``iterations`` Adam steps (``lr``, betas (0.9, 0.999), eps 1e-8, no weight decay) on L. The
-  gradient is formed from the precomputed G and B: one ``m x n x n`` product per step instead of
-  fusion_bench's ``T`` products and a backward pass; the iterates are the same up to rounding.
+  gradient is written out in its residual form ``2 sum_t (X - tau_t) tau_t^T tau_t / ||tau_t||^2``
+  (with the ``n x n`` Gram matrices ``tau_t^T tau_t`` precomputed when ``n <= m``), so no backward
+  pass is needed; its rounding stays relative to the residuals ``X - tau_t`` -- the expanded
+  ``X G - B`` would cancel two large terms, and Adam's normalised steps turn any noise in a small
+  gradient entry into a full ``lr`` step. The iterates are fusion_bench's up to rounding.
 * ``exact``: the minimiser itself, ``X* = B G^+`` (least squares; the component of X outside the
   tasks' row space is zero, where Adam started from the sum leaves it too).
 
@@ -58,14 +61,31 @@ def wudi_terms(taus: list[Tensor]) -> tuple[Tensor, Tensor]:
     return G, B
 
 
-def wudi_adam(start: Tensor, G: Tensor, B: Tensor, iterations: int, lr: float) -> Tensor:
+def wudi_gradient(taus: list[Tensor]):
+    """``x -> grad L(x)`` in the residual form (see module doc), for ``T`` matrices ``(m, n)``."""
+    weights = [2.0 / float(torch.linalg.matrix_norm(tau) ** 2) for tau in taus]
+    m, n = taus[0].shape
+    grams = [tau.mT @ tau for tau in taus] if n <= m else None
+
+    def grad(x: Tensor) -> Tensor:
+        out = torch.zeros_like(x)
+        for t, (tau, c) in enumerate(zip(taus, weights)):
+            residual = x - tau
+            out.add_(residual @ grams[t] if grams is not None else (residual @ tau.mT) @ tau, alpha=c)
+        return out
+
+    return grad
+
+
+def wudi_adam(start: Tensor, taus: list[Tensor], iterations: int, lr: float) -> Tensor:
     """``iterations`` Adam steps (torch.optim.Adam's update, written out) on L from ``start``."""
+    gradient = wudi_gradient(taus)
     x = start.clone()
     m = torch.zeros_like(x)
     v = torch.zeros_like(x)
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     for step in range(1, iterations + 1):
-        grad = 2.0 * (x @ G - B)
+        grad = gradient(x)
         m.mul_(beta1).add_(grad, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
@@ -90,10 +110,9 @@ def wudi(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: WudiParams) -
                 f"method wudi: parameter {ctx.name!r}: the task vector of model {t} is all zero, so its weight"
                 " 1/||tau_t||^2 is undefined (exclude the parameter with `exclude:` or drop the model)"
             )
-    G, B = wudi_terms(taus)
     if p.solver == "exact":
-        return wudi_exact(G, B)
+        return wudi_exact(*wudi_terms(taus))
     start = taus[0].clone()
     for tau in taus[1:]:
         start.add_(tau)
-    return wudi_adam(start, G, B, p.iterations, p.lr)
+    return wudi_adam(start, taus, p.iterations, p.lr)
