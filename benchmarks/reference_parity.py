@@ -66,7 +66,19 @@ from pathlib import Path
 
 import torch
 
-# name, our config, reference, reference config, note
+# mergekit's per-tensor t syntax: first matching filter wins; lists are gradients over the layers.
+SLERP_T = [
+    {"filter": "self_attn", "value": [0.0, 0.7]},
+    {"filter": "mlp", "value": [0.8, 0.2]},
+    {"value": 0.4},
+]
+
+# name, our config, reference, reference config, note. Keys starting with "_" are the harness's:
+# "_models": which of the generated models enter (default all); "_per_task": compare each task's
+# own model (ours: merge to disk, then pactmerge.materialize every task). A fusion_bench config gives
+# "alg" (a class of fusion_bench.method, run on a model pool) or "fn" (an adapter below that calls
+# fusion_bench's functions); a mergekit config gives "merge_method", per-model "model_params",
+# global "parameters" and "base" (the base model: "base" by default, a model name, or None).
 CASES = [
     (
         "task_arithmetic",
@@ -139,11 +151,77 @@ CASES = [
         "see (a)",
     ),
     (
+        "slerp, t = 0.3 (2 models)",
+        {"method": "slerp", "parameters": {"t": 0.3}, "_models": [0, 1]},
+        "fusion_bench",
+        {"alg": "SlerpMergeAlgorithm", "kw": {"t": 0.3}, "_models": [0, 1], "no_pretrained": True},
+        "same formula",
+    ),
+    (
+        "model_stock (average: angle)",
+        {"method": "model_stock", "parameters": {"average": "angle"}},
+        "fusion_bench",
+        {"alg": "ModelStock", "kw": {}},
+        "its mean of angles; +1e-8 in its denominators",
+    ),
+    (
+        "wudi (adam, 300 steps, lr 1e-5)",
+        {"method": "wudi"},
+        "fusion_bench",
+        {"fn": "fb_wudi", "kw": {"iter_num": 300}},
+        "its wudi_merging; same Adam",
+    ),
+    (
+        "tall_masks, per-task models (lambda 0.6)",
+        {"method": "tall_masks", "_per_task": True},
+        "fusion_bench",
+        {"fn": "fb_tall_masks", "kw": {"tall_mask_lambda": 0.6}},
+        "its tall_mask.utils (the TALL code)",
+    ),
+    (
+        "tall_masks, per-task models (lambda 0.6)",
+        {"method": "tall_masks", "_per_task": True},
+        "fusion_bench",
+        {"alg": "TallMaskTaskArithmeticAlgorithm", "kw": {"tall_mask_lambda": 0.6}, "buffers": True},
+        "see (c)",
+    ),
+    (
+        "consensus (TA, k 2, lambda 0.6)",
+        {"method": "consensus"},
+        "fusion_bench",
+        {"fn": "fb_consensus", "kw": {"use_ties": False, "k": 2, "tall_mask_lambda": 0.6}},
+        "its TALL utils, see (d)",
+    ),
+    (
+        "consensus (TIES: model scope, disjoint sum)",
+        {
+            "method": "consensus",
+            "parameters": {"base_method": "ties", "ties": {"trim_count": "floor_plus_1"}},
+        },
+        "fusion_bench",
+        {"fn": "fb_consensus", "kw": {"use_ties": True, "k": 2, "tall_mask_lambda": 0.6}},
+        "its TALL + TIES utils, see (d)",
+    ),
+    (
+        "tsv_c, per-task models (k = floor(r/T))",
+        {"method": "tsv_c", "_per_task": True},
+        "fusion_bench",
+        {"fn": "fb_tsv_c", "kw": {}},
+        "its TSVC_utils, see (e)",
+    ),
+    (
         "task_arithmetic",
         {"method": "task_arithmetic"},
         "mergekit",
         {"merge_method": "task_arithmetic", "model_params": {"weight": 1.0}},
         "same algorithm",
+    ),
+    (
+        "weight_average",
+        {"method": "weight_average"},
+        "mergekit",
+        {"merge_method": "linear", "model_params": {"weight": 1.0}, "base": None},
+        "linear (normalize: true)",
     ),
     (
         "ties (mergekit: tensor scope)",
@@ -181,8 +259,63 @@ CASES = [
         {"merge_method": "dare_linear", "model_params": {"weight": 1.0, "density": 0.5}},
         "see (b)",
     ),
+    (
+        "slerp, t = 0.3 (2 models)",
+        {"method": "slerp", "parameters": {"t": 0.3}, "_models": [0, 1]},
+        "mergekit",
+        {"merge_method": "slerp", "parameters": {"t": 0.3}, "base": "m0", "_models": [0, 1]},
+        "same formula",
+    ),
+    (
+        "slerp, per-tensor t (filters, gradients)",
+        {"method": "slerp", "parameters": {"t": SLERP_T}, "_models": [0, 1]},
+        "mergekit",
+        {"merge_method": "slerp", "parameters": {"t": SLERP_T}, "base": "m0", "_models": [0, 1]},
+        "same t per tensor",
+    ),
+    (
+        "model_stock",
+        {"method": "model_stock"},
+        "mergekit",
+        {"merge_method": "model_stock", "model_params": {}},
+        "mean of cosines",
+    ),
+    (
+        "model_stock (filter_wise)",
+        {"method": "model_stock", "parameters": {"filter_wise": True}},
+        "mergekit",
+        {"merge_method": "model_stock", "model_params": {}, "parameters": {"filter_wise": True}},
+        "one ratio per row",
+    ),
+    (
+        "breadcrumbs (density 0.9, gamma 0.01)",
+        {"method": "breadcrumbs", "parameters": {"density": 0.9, "gamma": 0.01}},
+        "mergekit",
+        {"merge_method": "breadcrumbs", "model_params": {"weight": 1.0, "density": 0.9, "gamma": 0.01}},
+        "same band",
+    ),
+    (
+        "breadcrumbs + elect (breadcrumbs_ties)",
+        {"method": "breadcrumbs", "parameters": {"density": 0.5, "gamma": 0.05, "elect": True}},
+        "mergekit",
+        {"merge_method": "breadcrumbs_ties", "model_params": {"weight": 1.0, "density": 0.5, "gamma": 0.05}},
+        "same band, sign election, sum",
+    ),
+    (
+        "della, no drop (density 1)",
+        {"method": "della", "parameters": {"density": 1.0, "epsilon": 0.0}},
+        "mergekit",
+        {"merge_method": "della", "model_params": {"weight": 1.0, "density": 1.0, "epsilon": 0.0}},
+        "elect + disjoint mean",
+    ),
+    (
+        "della (density 0.7, epsilon 0.2, l1)",
+        {"method": "della", "parameters": {"density": 0.7, "epsilon": 0.2, "rescale": "l1"}},
+        "mergekit",
+        {"merge_method": "della", "model_params": {"weight": 1.0, "density": 0.7, "epsilon": 0.1}},
+        "see (b), (f)",
+    ),
 ]
-
 
 # -- checkpoints ------------------------------------------------------------------------------
 
@@ -256,7 +389,9 @@ def _load_folder(path: Path) -> dict:
     return load_file(str(path / "model.safetensors"))
 
 
-def _as_module(sd: dict):
+def _as_module(sd: dict, buffers: bool = False):
+    """An nn.Module holding ``sd`` as parameters (or as buffers: fusion_bench's TALL-mask algorithm
+    rejects mixing the Parameters of a module's state dict with the plain tensors it computes)."""
     from torch import nn
 
     root = nn.Module()
@@ -266,27 +401,133 @@ def _as_module(sd: dict):
             if not hasattr(m, p):
                 m.add_module(p, nn.Module())
             m = getattr(m, p)
-        m.register_parameter(parts[-1], nn.Parameter(v.clone(), requires_grad=False))
+        if buffers:
+            m.register_buffer(parts[-1], v.clone())
+        else:
+            m.register_parameter(parts[-1], nn.Parameter(v.clone(), requires_grad=False))
     return root
+
+
+# -- fusion_bench adapters: its functions where it has no algorithm class for the method --------
+
+
+def _fb_flat(base: dict, models: list[dict]):
+    from fusion_bench.method.ties_merging.ties_merging_utils import state_dict_to_vector
+
+    flat_ptm = state_dict_to_vector(base)
+    flat_ft = torch.vstack([state_dict_to_vector(m) for m in models])
+    return flat_ptm, flat_ft, flat_ft - flat_ptm
+
+
+def _fb_unflat(vector, base: dict) -> dict:
+    from fusion_bench.method.ties_merging.ties_merging_utils import vector_to_state_dict
+
+    return {k: v.clone() for k, v in vector_to_state_dict(vector, base).items()}
+
+
+def fb_wudi(base: dict, models: list[dict], iter_num: int) -> dict:
+    from fusion_bench.method.wudi import wudi_merging
+
+    task_vectors = [{k: m[k] - base[k] for k in base} for m in models]
+    merged = wudi_merging(task_vectors, accelerator="cpu", iter_num=iter_num)
+    return {k: base[k] + merged[k].detach() for k in base}
+
+
+def fb_tall_masks(base: dict, models: list[dict], tall_mask_lambda: float) -> list[dict]:
+    """The TALL code (fusion_bench.method.tall_mask.utils): theta_0 + m_t * tau_MTL, tau_MTL = sum."""
+    from fusion_bench.method.tall_mask.utils import generate_task_masks
+
+    flat_ptm, flat_ft, tvs = _fb_flat(base, models)
+    mtl = tvs.sum(0)
+    masks = generate_task_masks(tvs, flat_ft, flat_ptm, tv=mtl, tall_mask_lambda=tall_mask_lambda)
+    return [_fb_unflat(flat_ptm + masks[t] * mtl, base) for t in range(len(models))]
+
+
+def fb_consensus(base: dict, models: list[dict], use_ties: bool, k: int, tall_mask_lambda: float) -> dict:
+    """The TALL repository's consensus merging from fusion_bench's copies of its functions."""
+    from fusion_bench.method.tall_mask.utils import generate_task_masks
+    from fusion_bench.method.ties_merging.ties_merging_utils import ties_merging
+
+    flat_ptm, flat_ft, tvs = _fb_flat(base, models)
+    mtl = ties_merging(tvs, reset_thresh=20, merge_func="dis-sum") if use_ties else tvs.sum(0)
+    masks = generate_task_masks(tvs, flat_ft, flat_ptm, tv=mtl, tall_mask_lambda=tall_mask_lambda)
+    consensus = masks.float().sum(0) >= k
+    return _fb_unflat(flat_ptm + consensus * mtl, base)
+
+
+def fb_tsv_c(base: dict, models: list[dict]) -> list[dict]:
+    """Each task's model from fusion_bench's TSV-C compression (TSVC_utils.compute_svd_and_compress)."""
+    from fusion_bench.method.task_singular_vector.utils.TSVC_utils import compute_svd_and_compress
+
+    out = []
+    for m in models:
+        sd = {}
+        for k in base:
+            d = m[k] - base[k]
+            if d.ndim == 2:
+                _, u, s, v = compute_svd_and_compress(k, d, 1.0 / len(models))
+                d = u @ torch.diag(s) @ v
+            sd[k] = base[k] + d
+        out.append(sd)
+    return out
+
+
+FB_FUNCTIONS = {"fb_wudi": fb_wudi, "fb_tall_masks": fb_tall_masks, "fb_consensus": fb_consensus, "fb_tsv_c": fb_tsv_c}
+# Imported before the timed call (fusion_bench imports its submodules lazily).
+FB_MODULES = [
+    "fusion_bench.method.wudi",
+    "fusion_bench.method.tall_mask.utils",
+    "fusion_bench.method.ties_merging.ties_merging_utils",
+    "fusion_bench.method.task_singular_vector.utils.TSVC_utils",
+]
+
+
+def _ours_per_task(data: Path, names: list[str], out: Path, cfg: dict) -> list[dict]:
+    """Our merge to disk, then every task's model materialised and loaded."""
+    import pactmerge
+
+    merged = pactmerge.merge(
+        base_model=str(data / "base"), models=[str(data / n) for n in names], output_dir=out / "merged", **cfg
+    )
+    tasks = []
+    for t in range(len(names)):
+        pactmerge.materialize(merged, t, out / f"task{t}", overwrite=True)
+        tasks.append(_load_folder(out / f"task{t}"))
+    return tasks
 
 
 def worker(spec: dict) -> None:
     data, out = Path(spec["data"]), Path(spec["out"])
-    names = sorted(p.name for p in data.iterdir() if p.name.startswith("m"))
-    side, ref, cfg = spec["side"], spec["ref"], spec["cfg"]
-    merged = None
-    if ref == "fusion_bench":
+    all_names = sorted(p.name for p in data.iterdir() if p.name.startswith("m"))
+    side, ref, cfg = spec["side"], spec["ref"], dict(spec["cfg"])
+    names = [all_names[i] for i in cfg.pop("_models", range(len(all_names)))]
+    per_task = cfg.pop("_per_task", False)
+    if side == "ours" and per_task:
+        run = lambda: _ours_per_task(data, names, out, cfg)  # noqa: E731
+    elif ref == "fusion_bench":
         base = _load_folder(data / "base")
         models = [_load_folder(data / n) for n in names]
-        if side == "ref":
+        if side == "ref" and "fn" in cfg:
+            import importlib
+
+            for module in FB_MODULES:
+                importlib.import_module(module)
+            fn = FB_FUNCTIONS[cfg["fn"]]
+            run = lambda: fn(base, models, **cfg["kw"])  # noqa: E731
+        elif side == "ref":
             import fusion_bench.method as fbm
             from fusion_bench.modelpool import BaseModelPool
 
-            pool = BaseModelPool(
-                models={"_pretrained_": _as_module(base), **{n: _as_module(m) for n, m in zip(names, models)}}
-            )
+            buf = bool(cfg.get("buffers"))
+            pool_models = {} if cfg.get("no_pretrained") else {"_pretrained_": _as_module(base, buf)}
+            pool = BaseModelPool(models={**pool_models, **{n: _as_module(m, buf) for n, m in zip(names, models)}})
             alg = getattr(fbm, cfg["alg"])(**cfg["kw"])
-            run = lambda: {k: v.detach() for k, v in alg.run(pool).state_dict().items()}  # noqa: E731
+
+            def run():
+                result = alg.run(pool)
+                if isinstance(result, dict):  # per-task models (TallMaskTaskArithmeticAlgorithm)
+                    return [{k: v.detach() for k, v in result["models"][n].state_dict().items()} for n in names]
+                return {k: v.detach() for k, v in result.state_dict().items()}
         else:
             import pactmerge
 
@@ -297,14 +538,17 @@ def worker(spec: dict) -> None:
             from mergekit.merge import run_merge
             from mergekit.options import MergeOptions
 
-            conf = MergeConfiguration.model_validate(
-                {
-                    "merge_method": cfg["merge_method"],
-                    "base_model": str(data / "base"),
-                    "dtype": "float32",
-                    "models": [{"model": str(data / n), "parameters": cfg["model_params"]} for n in names],
-                }
-            )
+            base_ref = cfg.get("base", "base")
+            conf = {
+                "merge_method": cfg["merge_method"],
+                "dtype": "float32",
+                "models": [{"model": str(data / n), "parameters": cfg.get("model_params", {})} for n in names],
+            }
+            if base_ref is not None:
+                conf["base_model"] = str(data / base_ref)
+            if cfg.get("parameters"):
+                conf["parameters"] = cfg["parameters"]
+            conf = MergeConfiguration.model_validate(conf)
             opts = MergeOptions(cuda=False, copy_tokenizer=False, lazy_unpickle=False, low_cpu_memory=False)
             run = lambda: run_merge(conf, str(out / "merged"), options=opts)  # noqa: E731
         else:
@@ -330,15 +574,17 @@ def worker(spec: dict) -> None:
         result = run()
     seconds = time.perf_counter() - t0
     peak = _rss_kib("VmHWM") - rss0
-    if ref == "fusion_bench":
-        merged = result
+    if isinstance(result, list):  # per-task models
+        merged = {"tasks": [{k: v.float() for k, v in sd.items()} for sd in result]}
+    elif isinstance(result, dict):
+        merged = {k: v.float() for k, v in result.items()}
     else:
         from safetensors.torch import load_file
 
         merged = {}
         for f in sorted((out / "merged").glob("*.safetensors")):
-            merged.update(load_file(str(f)))
-    torch.save({k: v.float() for k, v in merged.items()}, out / "merged.pt")
+            merged.update({k: v.float() for k, v in load_file(str(f)).items()})
+    torch.save(merged, out / "merged.pt")
     print(json.dumps({"seconds": seconds, "peak_mib": peak / 1024}))
 
 
@@ -355,6 +601,9 @@ def importable(name: str) -> str | None:
 
 
 def max_rel_diff(base: dict, ours: dict, ref: dict) -> float:
+    """max over parameters (and tasks, for per-task results) of max|D_ours - D_ref| / max|D_ref|."""
+    if "tasks" in ours or "tasks" in ref:
+        return max(max_rel_diff(base, o, r) for o, r in zip(ours["tasks"], ref["tasks"]))
     worst = 0.0
     for k, b in base.items():
         d_ref, d_ours = ref[k].double() - b.double(), ours[k].double() - b.double()
@@ -367,6 +616,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--only", help="comma-separated substrings of the rows' labels to run (default: all)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -388,7 +638,10 @@ def main() -> None:
             " ref | note |"
         )
         print("|---|---|---|---|---|---|")
+        only = [x.strip() for x in args.only.split(",")] if args.only else None
         for i, (label, ours_cfg, ref, ref_cfg, note) in enumerate(CASES):
+            if only and not any(x in label for x in only):
+                continue
             if missing[ref]:
                 print(f"| {label} | {ref} | skipped | - | - | not installed: {missing[ref]} |")
                 continue
