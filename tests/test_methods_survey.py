@@ -708,3 +708,35 @@ def test_pact_composes_with_nan_filter(rng):
         inv = [1 / np.linalg.norm(d) for d in ds]
         ref = 1.5 * sum(x / sum(inv) * d for x, d in zip(inv, ds))
         np.testing.assert_allclose(out[key], base[key] + ref, atol=1e-10, err_msg=key)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    m=st.integers(2, 12),
+    n=st.integers(2, 12),
+    T=st.integers(1, 4),
+    rank=st.integers(1, 4),
+    double=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_wudi_exact_zeroes_the_gradient_for_any_shape_rank_and_dtype(m, n, T, rank, double, seed):
+    from pactmerge.methods.wudi import wudi_exact, wudi_terms
+
+    g = np.random.default_rng(seed)
+    taus = [g.standard_normal((m, rank)) @ g.standard_normal((rank, n)) for _ in range(T)]
+    dtype = torch.float64 if double else torch.float32
+    x = wudi_exact(*wudi_terms([torch.from_numpy(t).to(dtype) for t in taus])).double().numpy()
+    scale = sum(np.abs(t).max() for t in taus)  # the gradient's natural size: |X - tau_t| (tau_t^T tau_t / ||tau_t||^2)
+    assert np.abs(np_wudi_grad(x, taus)).max() <= (1e-9 if double else 2e-3) * scale
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 12), n=st.integers(1, 12), eta=st.floats(1.0, 100.0), seed=st.integers(0, 2**31 - 1))
+def test_star_keeps_the_nuclear_norm_for_any_shape(m, n, eta, seed):
+    from pactmerge.methods.star import star_truncate
+
+    d = np.random.default_rng(seed).standard_normal((m, n))
+    got = star_truncate(torch.from_numpy(d), eta).numpy()
+    nuc = np.linalg.svd(d, compute_uv=False).sum()
+    assert abs(np.linalg.svd(got, compute_uv=False).sum() - nuc) < 1e-10 * nuc
+    np.testing.assert_allclose(got, np_star(d, eta), atol=1e-12)
