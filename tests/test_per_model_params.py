@@ -49,6 +49,7 @@ def merge(base, models, method="task_arithmetic", weights=None, model_params=Non
     "method,parameters",
     [
         ("task_arithmetic", {}),
+        ("weight_average", {}),
         ("ties", {"scope": "tensor", "density": 0.4}),
         ("ties", {"scope": "model", "density": 0.3, "aggregate": "sum"}),
     ],
