@@ -170,20 +170,34 @@ def test_dare_density_maps_to_drop_rate(files):
 
 
 def test_linear_is_the_weighted_mean(files):
-    cfg = mk(files, "linear", [("m0", {"weight": 1.0}), ("m1", {"weight": 3.0})])
-    out = run(cfg)
     a = files[1]
+    cfg = mk(files, "linear", [("base", {"weight": 0.5}), ("m0", {"weight": 1.0}), ("m1", {"weight": 3.0})])
+    out = run(cfg)
     for k in a["base"]:
-        np.testing.assert_allclose(out[k], (a["m0"][k] + 3.0 * a["m1"][k]) / 4.0, atol=1e-12)
-    # without base_model: the first model is the reference, and still only a weighted mean
+        np.testing.assert_allclose(out[k], (0.5 * a["base"][k] + a["m0"][k] + 3.0 * a["m1"][k]) / 4.5, atol=1e-12)
+    # without base_model: the first model is the reference, and it is still the weighted mean
+    cfg = mk(files, "linear", [("m0", {"weight": 1.0}), ("m1", {"weight": 3.0})])
     del cfg["base_model"]
     out = run(cfg)
     for k in a["base"]:
         np.testing.assert_allclose(out[k], (a["m0"][k] + 3.0 * a["m1"][k]) / 4.0, atol=1e-12)
 
 
+def test_linear_averages_in_an_unlisted_base_model(files):
+    # mergekit adds base_model as an input of linear when models does not list it.
+    a = files[1]
+    cfg = mk(files, "linear", [("m0", {"weight": 1.0}), ("m1", {"weight": 3.0})], parameters={"weight": 2.0})
+    out = run(cfg)
+    for k in a["base"]:
+        np.testing.assert_allclose(out[k], (2.0 * a["base"][k] + a["m0"][k] + 3.0 * a["m1"][k]) / 6.0, atol=1e-12)
+    del cfg["parameters"]
+    with pytest.raises(pactmerge.PactMergeError, match=r"'base_model' \(mergekit\): mergekit's linear averages"):
+        load_config(cfg)
+
+
 def test_linear_unnormalized_only_when_weights_sum_to_one(files):
     cfg = mk(files, "linear", [("m0", {"weight": 0.25}), ("m1", {"weight": 0.75})], parameters={"normalize": False})
+    cfg["models"].append({"model": cfg["base_model"], "parameters": {"weight": 0.0}})
     out = run(cfg)
     a = files[1]
     np.testing.assert_allclose(out["layers.0.w"], 0.25 * a["m0"]["layers.0.w"] + 0.75 * a["m1"]["layers.0.w"])

@@ -379,8 +379,18 @@ def _linear(data: Mapping, models: list[_Model], base: str | None) -> dict[str, 
     params = _Params("linear", data.get("parameters") or {}, {"normalize": True}, {"weight": None})
     for m in models:
         params.check_model(m)
+    inputs = list(models)
+    if base is not None and not any(_same_model(m.ref, base) for m in models):
+        # mergekit adds a base_model missing from `models` as one more input of the weighted mean.
+        if not params.given("weight"):
+            raise _fail(
+                "base_model",
+                "mergekit's linear averages the base_model in too (it adds it as an input), so it needs a weight:"
+                " list it in models with a weight, give a top-level parameters.weight, or remove base_model",
+            )
+        inputs.append(_Model(-1, base, {}))
     normalize = params.get_shared("normalize")
-    weights = [params.for_model(m, "weight") for m in models]
+    weights = [params.for_model(m, "weight") for m in inputs]
     total = sum(weights)
     if not normalize and abs(total - 1.0) > 1e-9:
         raise _fail(
@@ -390,9 +400,10 @@ def _linear(data: Mapping, models: list[_Model], base: str | None) -> dict[str, 
         )
     if normalize and abs(total) < 1e-12:
         raise _fail("models", "the weights sum to 0, so normalize has nothing to divide by; change a weight")
-    # linear ignores base_model's weights (a weighted mean of the models); it still donates config and tokenizer.
+    # The weighted mean does not depend on the reference point: base_model (else the first model)
+    # is only where the output's config and tokenizer come from, as in mergekit.
     ref_base = base if base is not None else _lora_over_base(models[0], None)
-    entries = [{"model": _lora_over_base(m, base), "weight": w} for m, w in zip(models, weights)]
+    entries = [{"model": _lora_over_base(m, base), "weight": w} for m, w in zip(inputs, weights)]
     return {"base_model": ref_base, "method": "weight_average", "models": entries}
 
 
