@@ -15,6 +15,8 @@ Consensus-TA: m * Delta_MTL) or ``ties`` (the options under ``ties:``; Consensus
 multiplies the merged vector, as the survey's tau_consensus = m * tau_MTL; for Task Arithmetic
 that is the same as merging the masked task vectors. The masks use the unweighted sum.
 
+Per-model options: ``lambda`` (below) and, with ``base_method: ties``, TIES's per-model ``density``.
+
 ``lambda_t``: a model's ``parameters: {lambda: ...}`` if given, else the method's ``lambda``. The
 paper tunes lambda_t per task on validation data over {0.2, 0.3, 0.4, 0.5, 0.6}; the data-free
 default here is 0.6, fusion_bench's default for TALL masks (``tall_mask_lambda: 0.6``). Smaller
@@ -30,7 +32,6 @@ import torch
 from pydantic import ConfigDict, Field
 from torch import Tensor
 
-from pactmerge.errors import PactMergeError
 from pactmerge.methods.task_arithmetic import weighted_sum
 from pactmerge.methods.ties import TiesParams, thresholds_for, ties_merge, ties_prepare
 from pactmerge.registry import ParamContext, Params, register_method
@@ -47,16 +48,25 @@ class ConsensusParams(Params):
     ties: TiesParams = Field(default_factory=TiesParams, description="TIES options when base_method is ties")
 
 
+class ConsensusModelParams(Params):
+    """Per-model options of consensus (a model's ``parameters:``)."""
+
+    lambda_: float | None = Field(None, ge=0.0, alias="lambda", strict=True, description="this task's lambda_t")
+
+
+class ConsensusTiesModelParams(ConsensusModelParams):
+    """Per-model options of consensus with ``base_method: ties``: also TIES's per-model density."""
+
+    density: float | None = Field(None, gt=0.0, le=1.0, strict=True, description="this task's TIES trim density")
+
+
+def consensus_model_params(p: ConsensusParams) -> type[Params]:
+    return ConsensusTiesModelParams if p.base_method == "ties" else ConsensusModelParams
+
+
 def task_lambdas(ctx: ParamContext, p: ConsensusParams) -> list[float]:
-    out = []
-    for i, mp in enumerate(ctx.model_params):
-        lam = mp.get("lambda", p.lambda_)
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
-            raise PactMergeError(
-                f"config key 'models[{i}].parameters.lambda' (consensus): must be a number >= 0, got {lam!r}"
-            )
-        out.append(float(lam))
-    return out
+    """Each task's lambda_t: its model's ``parameters.lambda``, else ``p.lambda_``."""
+    return [float(p.lambda_ if mp.get("lambda") is None else mp["lambda"]) for mp in ctx.model_params]
 
 
 def consensus_mask(deltas: list[Tensor], lambdas: list[float], k: int) -> Tensor:
@@ -75,7 +85,14 @@ def _prepare(stream, p: ConsensusParams) -> dict:
     return {}
 
 
-@register_method("consensus", params=ConsensusParams, prepare=_prepare)
+@register_method(
+    "consensus",
+    params=ConsensusParams,
+    prepare=_prepare,
+    model_params=consensus_model_params,
+    uses_weight=True,
+    paper="Localizing task information for improved model merging and compression (arXiv:2405.07813)",
+)
 def consensus(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: ConsensusParams) -> Tensor:
     """Consensus merging: base method (TA or TIES) masked to entries >= k TALL masks agree on."""
     mask = consensus_mask(deltas, task_lambdas(ctx, p), p.k)

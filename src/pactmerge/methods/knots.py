@@ -14,6 +14,7 @@ the models' weights as in TIES). ``dare_p > 0`` first drops each entry of each V
 probability ``dare_p`` and rescales the rest by 1/(1 - dare_p) (KnOTS-DARE-TIES with ``ties``);
 the draws are seeded per parameter and task. 1-D parameters: ``base_method`` on the task
 vectors themselves (TIES per tensor). PACT composes as a filter: it runs on the task vectors first.
+With ``ties``, a model's ``parameters: {density: d_t}`` replaces ``density`` for its V_t.
 
 Well-posed form (default, ``rank_aware: true``): only the numerical rank of the concatenation is
 kept (singular values above ``rank_rtol * S[0]``). The other rows of [V_1 ... V_T] have zero
@@ -40,7 +41,14 @@ from pactmerge.filters.dare import dare_mask
 from pactmerge.linalg import numerical_rank
 from pactmerge.lowrank import LowRankDelta, all_lowrank, densify
 from pactmerge.methods.task_arithmetic import weighted_sum
-from pactmerge.methods.ties import TiesParams, kth_largest_magnitude, ties_merge, trim_count
+from pactmerge.methods.ties import (
+    TiesModelParams,
+    TiesParams,
+    kth_largest_magnitude,
+    task_densities,
+    ties_merge,
+    trim_count,
+)
 from pactmerge.registry import ParamContext, Params, register_method
 
 _DARE_SALT = 7919  # keeps KnOTS's DARE draws apart from a `dare` filter's on the same parameter
@@ -62,6 +70,19 @@ class KnotsParams(Params):
 
 def _ties(p: KnotsParams) -> TiesParams:
     return TiesParams(density=p.density, scope="tensor", aggregate=p.aggregate, trim_count=p.trim_count)
+
+
+def _ties_merge(xs: list[Tensor], ctx: ParamContext, p: KnotsParams) -> Tensor:
+    """TIES (tensor scope) on same-shape tensors ``xs``, each trimmed with its task's density."""
+    tp = _ties(p)
+    densities = task_densities(ctx, tp)
+    thresholds = [kth_largest_magnitude(x, trim_count(x.numel(), tp, d)) for x, d in zip(xs, densities)]
+    return ties_merge(xs, ctx.weights, thresholds, p.aggregate)
+
+
+def knots_model_params(p: KnotsParams) -> type[Params] | None:
+    # Only the TIES base method has a per-model option (density).
+    return TiesModelParams if p.base_method == "ties" else None
 
 
 def knots_svd(deltas: list) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -94,22 +115,24 @@ def merge_coordinates(vs: list[Tensor], ctx: ParamContext, p: KnotsParams) -> Te
         ]
     if p.base_method == "task_arithmetic":
         return weighted_sum(vs, ctx.weights)
-    tp = _ties(p)
-    thresholds = [kth_largest_magnitude(v, trim_count(v.numel(), tp)) for v in vs]
-    return ties_merge(vs, ctx.weights, thresholds, p.aggregate)
+    return _ties_merge(vs, ctx, p)
 
 
-@register_method("knots", params=KnotsParams, lowrank=True)
+@register_method(
+    "knots",
+    params=KnotsParams,
+    lowrank=True,
+    model_params=knots_model_params,
+    uses_weight=True,
+    paper="Model merging with SVD to tie the KnOTS (arXiv:2410.19735)",
+)
 def knots(base: Tensor, deltas: list, ctx: ParamContext, p: KnotsParams):
     """KnOTS: SVD of [Delta_1 ... Delta_T] = U S [V_1 ... V_T], merge the V_t (TA/TIES, optional DARE), U S V_merged."""
     if not ctx.info.is_matrix:
         deltas = densify(deltas)
         if p.base_method == "task_arithmetic":
             return weighted_sum(deltas, ctx.weights)
-        tp = _ties(p)
-        return ties_merge(
-            deltas, ctx.weights, [kth_largest_magnitude(d, trim_count(d.numel(), tp)) for d in deltas], p.aggregate
-        )
+        return _ties_merge(deltas, ctx, p)
     lowrank = all_lowrank(deltas)
     m, n = deltas[0].shape
     u, s, vs = knots_svd(deltas)
