@@ -498,7 +498,7 @@ def test_slerp_rejects_bad_t(rng, params, match):
     with pytest.raises(pactmerge.PactMergeError) as e:
         run(base, models, "slerp", parameters=params)
     assert match in one_line_error(e)
-    with pytest.raises(pactmerge.PactMergeError, match="weights do not apply"):
+    with pytest.raises(pactmerge.PactMergeError, match=r"models\[1\]\.weight.*no per-model weight"):
         run(base, models, "slerp", weights=[1.0, 2.0])
 
 
@@ -740,3 +740,53 @@ def test_star_keeps_the_nuclear_norm_for_any_shape(m, n, eta, seed):
     nuc = np.linalg.svd(d, compute_uv=False).sum()
     assert abs(np.linalg.svd(got, compute_uv=False).sum() - nuc) < 1e-10 * nuc
     np.testing.assert_allclose(got, np_star(d, eta), atol=1e-12)
+
+
+# -- per-model options and mergekit configs -------------------------------------------------------
+
+
+def test_breadcrumbs_and_della_per_model_options(rng):
+    base, models = layer_models(rng, 2)
+    mp = [{"density": 0.4, "gamma": 0.1}, {}]
+    out = run(base, models, "breadcrumbs", model_params=mp, parameters={"density": 0.7, "gamma": 0.0})
+    for k in base:
+        a, b = deltas_of(base, models, k)
+        ref = a * np_breadcrumbs_mask(a, 0.4, 0.1) + b * np_breadcrumbs_mask(b, 0.7, 0.0)
+        np.testing.assert_allclose(out[k], base[k] + ref, atol=1e-12)
+    mp = [{"density": 1.0, "epsilon": 0.0}, {"density": 0.5, "epsilon": 0.4}]
+    out = run(base, models, "della", model_params=mp, parameters={"elect": False})
+    for k in ("blk.0.w", "head.w"):
+        a, b = deltas_of(base, models, k)
+        pruned = out[k] - base[k] - a  # model 0 is not pruned; model 1 with its own options
+        kept = pruned != 0
+        np.testing.assert_allclose(pruned[kept], b[kept] / np_della_keep_probability(b, 0.5, 0.4)[kept], rtol=1e-10)
+        assert 0.2 < kept.mean() < 0.8
+    with pytest.raises(pactmerge.PactMergeError) as e:
+        run(base, models, "della", model_params=[{}, {"density": 0.1, "epsilon": 0.5}])
+    assert "models[1].parameters" in one_line_error(e)
+
+
+def write_folder(folder, sd):
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, str(folder / "model.safetensors"))
+    return str(folder)
+
+
+def test_mergekit_slerp_and_della_configs_run(tmp_path, rng):
+    sd = {f"model.layers.{i}.self_attn.q_proj.weight": rng.standard_normal((6, 6)) for i in range(3)}
+    sd["model.embed_tokens.weight"] = rng.standard_normal((8, 6))
+    other = {k: v + 0.5 * rng.standard_normal(v.shape) for k, v in sd.items()}
+    base, m1 = write_folder(tmp_path / "base", sd), write_folder(tmp_path / "m1", other)
+    t = [{"filter": "self_attn", "value": [0.0, 1.0]}, {"value": 0.3}]
+    cfg = {"merge_method": "slerp", "base_model": base, "models": [{"model": base}, {"model": m1}], "dtype": "float32"}
+    out = pactmerge.merge({**cfg, "parameters": {"t": t}})
+    for k, tk in [("model.layers.0.self_attn.q_proj.weight", 0.0), ("model.layers.1.self_attn.q_proj.weight", 0.5)]:
+        np.testing.assert_allclose(out[k].double().numpy(), np_slerp(tk, sd[k], other[k]), atol=1e-5)
+    k = "model.embed_tokens.weight"
+    np.testing.assert_allclose(out[k].double().numpy(), np_slerp(0.3, sd[k], other[k]), atol=1e-5)
+    della = {"merge_method": "della", "base_model": base, "models": [{"model": m1, "parameters": {"weight": 1.0}}]}
+    out = pactmerge.merge(della)  # mergekit's defaults: density 1, so no pruning (epsilon is moot)
+    for k in sd:
+        np.testing.assert_allclose(out[k].double().numpy(), other[k], atol=1e-6)

@@ -9,10 +9,10 @@ from typing import Any
 
 from torch import Tensor
 
-from pactmerge import __version__
 from pactmerge.config import MergeConfig, config_to_yaml, load_config
 from pactmerge.engine import iter_merged_params, open_inputs, output_layout, resolve_device
-from pactmerge.io.sources import Source
+from pactmerge.io import card
+from pactmerge.io.hf_files import check_chat_template, output_dtype, set_chat_template, set_config_dtype
 from pactmerge.io.writer import ShardedWriter, atomic_output_dir, copy_non_weight_files, parse_size
 from pactmerge.modulators import ModulatorWriter
 
@@ -54,6 +54,7 @@ def merge(
     dev = resolve_device(device)
     inputs = open_inputs(cfg)
     try:
+        check_output(inputs)
         if output_dir is None:
             return dict(iter_merged_params(inputs, dev, progress))
         if cfg.output == "adapter":
@@ -67,11 +68,32 @@ def _path_or_none(ref) -> str | None:
     return os.path.abspath(ref) if isinstance(ref, (str, os.PathLike)) else None
 
 
+def check_output(inputs) -> None:
+    """Checks of what the output folder needs, run before any work (and by ``--dry-run``)."""
+    if inputs.cfg.chat_template is not None:
+        check_chat_template(inputs.base.folder)
+
+
+def _card(inputs, output_dir: Path, files: list[str], copied: list[str], seconds: float) -> str:
+    return card.model_card(
+        inputs.cfg,
+        base_label=inputs.base.label,
+        model_labels=[s.label for s in inputs.models],
+        base_folder=inputs.base.folder,
+        num_params=len(inputs.plan.params),
+        files=files,
+        copied=copied,
+        seconds=seconds,
+        title=output_dir.name or None,
+    )
+
+
 def _write(inputs, output_dir: Path, device, overwrite: bool, progress: bool) -> Path:
     cfg = inputs.cfg
     start = time.perf_counter()
+    layout = output_layout(inputs)
     with atomic_output_dir(output_dir, overwrite) as tmp:
-        writer = ShardedWriter(tmp, output_layout(inputs), parse_size(cfg.max_shard_size))
+        writer = ShardedWriter(tmp, layout, parse_size(cfg.max_shard_size))
         modulators = None
         if cfg.pipeline.method.spec.task_specific:
             # Per-task outputs (TALL masks, TSV-C) go beside the model: pactmerge.modulators.
@@ -89,11 +111,17 @@ def _write(inputs, output_dir: Path, device, overwrite: bool, progress: bool) ->
         if modulators is not None:
             modulators.close()
         copied = copy_non_weight_files(inputs.base.folder, tmp) if inputs.base.folder else []
+        # The merged tensors' dtype (copied ones keep the base's) goes into config.json.
+        dtype = output_dtype([d for (_, _, d), p in zip(layout, inputs.plan.params) if p.kind != "copy"])
+        if dtype is not None:
+            set_config_dtype(tmp, dtype)
+        if cfg.chat_template is not None:
+            set_chat_template(tmp, cfg.chat_template)
         (tmp / "pactmerge_config.yaml").write_text(config_to_yaml(cfg))
-        card = _merge_card(cfg, inputs, files, copied, time.perf_counter() - start)
+        text = _card(inputs, output_dir, files, copied, time.perf_counter() - start)
         if modulators is not None:
-            card += _modulators_section(output_dir, len(inputs.models))
-        (tmp / "README.md").write_text(card)
+            text += _modulators_section(output_dir, len(inputs.models))
+        (tmp / "README.md").write_text(text)
     return output_dir
 
 
@@ -149,60 +177,9 @@ def _write_adapter(inputs, output_dir: Path, device, overwrite: bool, progress: 
             dtype_of=lambda info: out_dtype or info.dtype,
         )
         (tmp / "pactmerge_config.yaml").write_text(config_to_yaml(cfg))
-        card = _merge_card(cfg, inputs, ["adapter_model.safetensors"], [], time.perf_counter() - start)
-        (tmp / "README.md").write_text(card + _adapter_section(report, cfg.adapter_rank))
+        text = _card(inputs, output_dir, ["adapter_model.safetensors"], [], time.perf_counter() - start)
+        (tmp / "README.md").write_text(text + "\n" + card.adapter_section(report, cfg.adapter_rank))
     return output_dir
-
-
-def _adapter_section(report, max_rank) -> str:
-    lines = [
-        "## LoRA adapter",
-        "",
-        f"{len(report.modules)} target modules; "
-        + (
-            "exact: every update is written at its numerical rank."
-            if report.exact
-            else f"truncated to adapter_rank = {max_rank} where the update's rank is higher (energy kept below)."
-        ),
-        "",
-        "| module | rank written | numerical rank | energy kept |",
-        "|---|---|---|---|",
-        *[f"| `{m}` | {r} | {q} | {e:.6f} |" for m, (r, q, e) in report.modules.items()],
-        "",
-    ]
-    nonzero = {n: v for n, v in report.dropped.items() if v > 0}
-    if nonzero:
-        lines += ["Updates a LoRA adapter cannot carry (dropped; Frobenius norm):", ""]
-        lines += [f"- `{n}`: {v:.4g}" for n, v in nonzero.items()] + [""]
-    return "\n".join(lines)
-
-
-def _merge_card(cfg: MergeConfig, inputs, files: list[str], copied: list[str], seconds: float) -> str:
-    def label(src: Source) -> str:
-        return src.label
-
-    lines = [
-        "---",
-        "tags: [merge, pactmerge]",
-        "---",
-        "# Merged model",
-        "",
-        f"Merged with pactmerge {__version__}: `{cfg.pipeline.describe()}`, alpha = {cfg.alpha}.",
-        "",
-        f"- base model: `{label(inputs.base)}`",
-        *[f"- model {i}: `{label(s)}` (weight {m.weight})" for i, (s, m) in enumerate(zip(inputs.models, cfg.models))],
-        f"- {len(inputs.plan.params)} parameters in {len(files)} file(s); copied from the base folder:"
-        f" {', '.join(copied) or 'none'}",
-        f"- merge time: {seconds:.1f} s",
-        "",
-        "## Configuration",
-        "",
-        "```yaml",
-        config_to_yaml(cfg).rstrip(),
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def dry_run(config: MergeConfig | dict | str | os.PathLike, progress: bool = False) -> str:
@@ -216,6 +193,7 @@ def dry_run(config: MergeConfig | dict | str | os.PathLike, progress: bool = Fal
     cfg = load_config(config)
     inputs = open_inputs(cfg)
     try:
+        check_output(inputs)
         for info in tqdm(inputs.plan.params, desc="checking", unit="param", disable=not progress, file=sys.stderr):
             for src in [inputs.base, *inputs.models]:
                 check_finite(src.get(info.name), src.file_of(info.name), info.name)

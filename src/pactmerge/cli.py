@@ -27,11 +27,20 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-@app.callback()
-def _main(version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True)):
-    if version:
+def _print_version(value: bool) -> None:
+    # An eager option's callback runs while the options are parsed, before click asks for a command.
+    if value:
         typer.echo(__version__)
         raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", is_eager=True, callback=_print_version
+    ),
+):
+    pass
 
 
 @app.command()
@@ -42,20 +51,29 @@ def merge(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate every input and print the plan; write nothing."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT_DIR if it exists."),
     progress: bool = typer.Option(sys.stderr.isatty(), "--progress/--no-progress", help="Show a progress bar."),
+    push_to_hub: str = typer.Option(
+        None, "--push-to-hub", metavar="REPO", help="Then upload OUTPUT_DIR to this Hugging Face Hub repo (owner/name)."
+    ),
+    private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo as private."),
 ):
-    """Merge the models of CONFIG into OUTPUT_DIR."""
+    """Merge the models of CONFIG into OUTPUT_DIR (CONFIG: pactmerge's keys, or a mergekit config)."""
     from pactmerge.api import dry_run as do_dry_run
     from pactmerge.api import merge as do_merge
+    from pactmerge.io.hub import check_push_ready, push_folder
 
     try:
+        if push_to_hub is not None:
+            check_push_ready(push_to_hub)  # before any work: installed, logged in, a valid repo id
         if dry_run:
             typer.echo(do_dry_run(config, progress=progress))
             typer.echo("dry run: all inputs are valid; nothing written")
             return
         out = do_merge(config, output_dir, device=device.value, overwrite=overwrite, progress=progress)
+        typer.echo(f"wrote {out}")
+        if push_to_hub is not None:
+            typer.echo(f"uploaded to {push_folder(output_dir, push_to_hub, private=private)}")
     except PactMergeError as e:
         _fail(e)
-    typer.echo(f"wrote {out}")
 
 
 @app.command("materialize")

@@ -123,7 +123,7 @@ def make_context(cfg: MergeConfig, info: ParamInfo, stats: dict | None = None) -
         info=info,
         seed=param_seed(cfg.seed, info.name),
         weights=[m.weight for m in cfg.models],
-        model_params=[dict(m.parameters) for m in cfg.models],
+        model_params=[dict(p) for p in cfg.pipeline.model_params],
         stats=stats if stats is not None else {},
     )
 

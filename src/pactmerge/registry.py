@@ -24,6 +24,14 @@ one more full streaming pass (re-reading the inputs), for statistics that one pa
 exactly (e.g. a k-th largest value by radix selection). ``check(p, info)`` may reject a parameter up front
 (e.g. a rank larger than a matrix allows) with a :class:`PactMergeError`.
 
+Per-model options: ``model_params`` is a pydantic model (or a function of the validated ``params``
+returning one, or None) of the options a model's ``parameters:`` may give this method/filter
+(e.g. TIES's per-model ``density``); :mod:`pactmerge.pipeline` validates every model's keys against
+the union over the pipeline's stages, once, and the methods read them from
+``ctx.model_params[t]`` (only the keys the model gave). ``uses_weight=True`` declares that the
+method honours the models' ``weight``; for any other method a weight other than 1 is refused.
+``paper`` names the method's paper (title and arXiv id) for the model card.
+
 ``lowrank=True`` declares that ``fn`` (and ``prepare``) accept task vectors given as
 :class:`pactmerge.lowrank.LowRankDelta` (LoRA adapters) mixed with dense tensors, and may return
 them; for every other method/filter the engine densifies them first, one parameter at a time.
@@ -85,7 +93,8 @@ class ParamContext:
     info: ParamInfo
     seed: int  # per-parameter seed, derived from the config seed and the parameter name
     weights: list[float]  # per-model weight (default 1.0)
-    model_params: list[dict[str, Any]]  # per-model method-specific options (e.g. a lambda per task)
+    # Per-model options, validated against the stages' ``model_params``: only the keys each model gave.
+    model_params: list[dict[str, Any]]
     stats: dict[str, Any] = field(default_factory=dict)  # from the `prepare` passes, keyed by method/filter name
 
     @property
@@ -105,6 +114,8 @@ FilterFn = Callable[[Tensor, list[Delta], ParamContext, Any], list[Delta]]
 # The stream is re-iterable: each `for` over it is one more full streaming pass over the inputs.
 PrepareFn = Callable[[Iterable[tuple[ParamContext, Tensor, list[Delta]]], Any], Any]
 CheckFn = Callable[[Any, ParamInfo], None]
+# The per-model options a stage honours: a pydantic model, or a function of the stage's validated params giving one.
+ModelParamsSpec = type[BaseModel] | Callable[[Any], type[BaseModel] | None] | None
 
 
 @dataclass(frozen=True)
@@ -117,32 +128,31 @@ class Spec:
     doc: str = ""
     stage: str = "pre"  # filters only: "pre" (each task vector, before the method) or "post" (the merged one)
     lowrank: bool = False  # accepts pactmerge.lowrank.LowRankDelta task vectors; else the engine densifies them
+    model_params: ModelParamsSpec = None  # per-model options (see the module doc)
+    uses_weight: bool = False  # methods: honours the models' `weight` (otherwise a weight != 1 is refused)
+    paper: str = ""  # the paper, "Title (arXiv:NNNN.NNNNN)", for the model card
     task_specific: bool = False  # methods only: may return a pactmerge.modulators.TaskSpecific (per-task outputs)
+
+    def model_params_for(self, params: Any) -> type[BaseModel] | None:
+        """The per-model options model for this stage configured with ``params``."""
+        mp = self.model_params
+        if mp is None or isinstance(mp, type):  # a pydantic model class (or none)
+            return mp
+        return mp(params)
 
 
 METHODS: dict[str, Spec] = {}
 FILTERS: dict[str, Spec] = {}
 
 
-def _register(
-    table: dict[str, Spec],
-    kind: str,
-    name: str,
-    params,
-    prepare,
-    check,
-    stage: str = "pre",
-    lowrank: bool = False,
-    task_specific: bool = False,
-):
+def _register(table: dict[str, Spec], kind: str, name: str, params, stage: str = "pre", **options):
     if stage not in ("pre", "post"):
         raise ValueError(f"{kind} {name!r}: stage must be 'pre' or 'post', not {stage!r}")
 
     def deco(fn):
         if name in table:
             raise RuntimeError(f"{kind} {name!r} registered twice")
-        doc = (fn.__doc__ or "").strip()
-        table[name] = Spec(name, fn, params or NoParams, prepare, check, doc, stage, lowrank, task_specific)
+        table[name] = Spec(name, fn, params or NoParams, doc=(fn.__doc__ or "").strip(), stage=stage, **options)
         return fn
 
     return deco
@@ -154,9 +164,24 @@ def register_method(
     prepare=None,
     check=None,
     lowrank: bool = False,
+    model_params: ModelParamsSpec = None,
+    uses_weight: bool = False,
+    paper: str = "",
     task_specific: bool = False,
 ):
-    return _register(METHODS, "method", name, params, prepare, check, lowrank=lowrank, task_specific=task_specific)
+    return _register(
+        METHODS,
+        "method",
+        name,
+        params,
+        prepare=prepare,
+        check=check,
+        lowrank=lowrank,
+        model_params=model_params,
+        uses_weight=uses_weight,
+        paper=paper,
+        task_specific=task_specific,
+    )
 
 
 def register_filter(
@@ -166,8 +191,21 @@ def register_filter(
     check=None,
     stage: str = "pre",
     lowrank: bool = False,
+    model_params: ModelParamsSpec = None,
+    paper: str = "",
 ):
-    return _register(FILTERS, "filter", name, params, prepare, check, stage, lowrank)
+    return _register(
+        FILTERS,
+        "filter",
+        name,
+        params,
+        stage,
+        prepare=prepare,
+        check=check,
+        lowrank=lowrank,
+        model_params=model_params,
+        paper=paper,
+    )
 
 
 def _load_builtins() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from pactmerge.config.mergekit import from_mergekit, is_mergekit_config
 from pactmerge.config.schema import MergeConfig
 from pactmerge.errors import PactMergeError
 
@@ -22,11 +23,16 @@ def _format_validation_error(e: ValidationError, source: str) -> str:
 
 
 def load_config(data: Mapping | str | os.PathLike | MergeConfig) -> MergeConfig:
-    """A :class:`MergeConfig` from a mapping, a YAML file path, or an existing config."""
+    """A :class:`MergeConfig` from a mapping, a YAML file path, or an existing config.
+
+    A mapping with a ``merge_method`` key is a mergekit config, mapped by
+    :func:`pactmerge.config.mergekit.from_mergekit`. A config read from a file keeps its text
+    (``cfg.source_text``) for the model card.
+    """
     if isinstance(data, MergeConfig):
         return data
     source = "config"
-    base_dir = None
+    text = None
     if not isinstance(data, Mapping):
         path = Path(data)
         source = str(path)
@@ -40,14 +46,18 @@ def load_config(data: Mapping | str | os.PathLike | MergeConfig) -> MergeConfig:
             raise PactMergeError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, Mapping):
             raise PactMergeError(f"{path}: the config must be a YAML mapping")
-        base_dir = path.parent
-        data = _resolve_paths(dict(data), base_dir)
     try:
-        return MergeConfig.model_validate(dict(data))
+        if is_mergekit_config(data):
+            data = from_mergekit(data)
+        if text is not None:
+            data = _resolve_paths(dict(data), Path(source).parent)
+        cfg = MergeConfig.model_validate(dict(data))
     except ValidationError as e:
         raise PactMergeError(_format_validation_error(e, source)) from None
     except PactMergeError as e:
         raise PactMergeError(f"{source}: {e}") from None
+    cfg._source_text = text
+    return cfg
 
 
 def _resolve_paths(data: dict, base_dir: Path) -> dict:

@@ -25,7 +25,20 @@ class ModelEntry(BaseModel):
 
     model: Any  # ModelRef; pydantic can't validate a dict of tensors, so checked below
     weight: float = 1.0  # per-model weight for methods that have one (Task Arithmetic, weight_average, ...)
-    parameters: dict[str, Any] = Field(default_factory=dict)  # per-model method options (e.g. a lambda)
+    # Per-model options of the method/filters (e.g. TIES's density), checked by pactmerge.pipeline.
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _weight_in_parameters(cls, v):
+        # `parameters: {weight: w}` (mergekit's spelling) is the model's weight.
+        if isinstance(v, Mapping) and isinstance(v.get("parameters"), Mapping) and "weight" in v["parameters"]:
+            params = dict(v["parameters"])
+            w = params.pop("weight")
+            if "weight" in v and v["weight"] != w:
+                raise ValueError(f"weight is given twice ({v['weight']!r} and parameters.weight {w!r}); keep one")
+            v = {**v, "weight": w, "parameters": params}
+        return v
 
     @field_validator("model")
     @classmethod
@@ -57,8 +70,12 @@ class MergeConfig(BaseModel):
     # (pactmerge.io.adapter_writer); rank = the update's numerical rank, at most `adapter_rank`.
     output: Literal["dense", "adapter"] = "dense"
     adapter_rank: int | None = Field(None, ge=1)
+    # A Jinja chat template written into the output's tokenizer_config.json (pactmerge.io.hf_files).
+    chat_template: str | None = None
 
     _pipeline: Pipeline | None = PrivateAttr(default=None)
+    # The YAML text the config was loaded from (the model card quotes it), None for in-memory configs.
+    _source_text: str | None = PrivateAttr(default=None)
 
     @field_validator("models", mode="before")
     @classmethod
@@ -90,15 +107,24 @@ class MergeConfig(BaseModel):
     @model_validator(mode="after")
     def _resolve(self):
         # Resolve now so an unknown method/filter/option fails at load time, and only once.
-        self._pipeline = resolve_pipeline(self.method, self.parameters, self.filters, self.pact)
+        self._pipeline = self._resolve_pipeline()
         return self
+
+    def _resolve_pipeline(self) -> Pipeline:
+        models = [(m.weight, m.parameters) for m in self.models]
+        return resolve_pipeline(self.method, self.parameters, self.filters, self.pact, models)
 
     @property
     def pipeline(self) -> Pipeline:
         """The resolved method and filters (see :mod:`pactmerge.pipeline`)."""
         if self._pipeline is None:  # a config built with model_construct(): resolve on first use
-            self._pipeline = resolve_pipeline(self.method, self.parameters, self.filters, self.pact)
+            self._pipeline = self._resolve_pipeline()
         return self._pipeline
+
+    @property
+    def source_text(self) -> str | None:
+        """The YAML text this config was loaded from, verbatim (None if it was built in memory)."""
+        return self._source_text
 
     @property
     def compute_dtype(self) -> torch.dtype:

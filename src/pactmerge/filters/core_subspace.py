@@ -77,7 +77,13 @@ def _check_csp(p: CspParams, info: ParamInfo) -> None:
         )
 
 
-@register_filter("csp", params=CspParams, check=_check_csp, stage="post")
+@register_filter(
+    "csp",
+    params=CspParams,
+    check=_check_csp,
+    stage="post",
+    paper="Revisiting the role of pretrained weights in model merging: on near-optimality within the core subspace",
+)
 def csp(base: Tensor, merged: list[Tensor], ctx: ParamContext, p: CspParams) -> list[Tensor]:
     """CSP (post-merge): project the merged update off the top-r singular block of theta_0."""
     if not ctx.info.is_matrix:
@@ -105,7 +111,12 @@ def _check_s_pact(p: SPactParams, info: ParamInfo) -> None:
         )
 
 
-@register_filter("s_pact", params=SPactParams, check=_check_s_pact)
+@register_filter(
+    "s_pact",
+    params=SPactParams,
+    check=_check_s_pact,
+    paper="PACT: Preserving anchored cores in task-vectors for model merging (arXiv:2606.18627)",
+)
 def s_pact(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: SPactParams) -> list[Tensor]:
     """Static PACT: Delta_t (I - V_{0,K} V_{0,K}^T), the pretrained core removed from every task vector."""
     if not ctx.info.is_matrix or not ctx.info.in_depth(p.depth) or p.K == 0:

@@ -12,6 +12,9 @@ with the rescale ``c_t``:
   (the kept entries restore the L1 norm; ``c_t = 1`` when either norm is below 1e-7, like mergekit);
 * ``none``: ``c_t = 1`` (random drop only).
 
+Per model: a model's ``parameters: {p: p_t}`` replaces ``p`` for its task vector (mergekit's
+per-model ``density`` of ``dare_*`` is ``1 - p_t``).
+
 The draws come from ``ctx.generator(salt=t)`` on the CPU (then moved to the tensor's device):
 the same mask for a given config seed, parameter name and task index, whatever the device or the
 order parameters are processed in. Applies to every merged parameter (matrices and vectors). Put
@@ -37,22 +40,36 @@ class DareParams(Params):
     )
 
 
+class DareModelParams(Params):
+    """Per-model options of DARE (a model's ``parameters:``)."""
+
+    p: float | None = Field(None, ge=0.0, lt=1.0, strict=True, description="this task's drop probability")
+
+
 def dare_mask(shape: torch.Size, p: float, gen: torch.Generator) -> Tensor:
     """Boolean keep-mask, each entry True with probability 1 - p (uniform draws on the CPU)."""
     return torch.rand(shape, generator=gen, dtype=torch.float64) >= p
 
 
-@register_filter("dare", params=DareParams)
+@register_filter(
+    "dare",
+    params=DareParams,
+    model_params=DareModelParams,
+    paper="Language models are Super Mario: absorbing abilities from homologous models as a free lunch"
+    " (arXiv:2311.03099)",
+)
 def dare(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: DareParams) -> list[Tensor]:
     """DARE: drop each task-vector entry with probability p, rescale the rest by 1/(1-p)."""
-    if p.p == 0.0:
-        return deltas
     out = []
     for t, d in enumerate(deltas):
-        keep = dare_mask(d.shape, p.p, ctx.generator(salt=t)).to(d.device)
+        p_t = p.p if ctx.model_params[t].get("p") is None else float(ctx.model_params[t]["p"])
+        if p_t == 0.0:
+            out.append(d)
+            continue
+        keep = dare_mask(d.shape, p_t, ctx.generator(salt=t)).to(d.device)
         kept = torch.where(keep, d, torch.zeros((), dtype=d.dtype, device=d.device))
         if p.rescale == "keep_prob":
-            kept = kept / (1.0 - p.p)
+            kept = kept / (1.0 - p_t)
         elif p.rescale == "l1":
             before, after = d.abs().sum(), kept.abs().sum()
             if before >= 1e-7 and after >= 1e-7:

@@ -42,7 +42,11 @@ def nan_coefficients(norms: list[float]) -> list[float]:
     return [x / total if total > 0 else 0.0 for x in inv]
 
 
-@register_filter("nan", params=NanParams)
+@register_filter(
+    "nan",
+    params=NanParams,
+    paper="NAN: A training-free solution to coefficient estimation in model merging (arXiv:2505.16148)",
+)
 def nan(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: NanParams) -> list[Tensor]:
     """NAN: scale each task vector by scale * (1/||tau_t||) / sum_s (1/||tau_s||), per parameter."""
     if not any(bool(d.any()) for d in deltas):

@@ -136,7 +136,13 @@ def _project_out(d: Tensor | LowRankDelta, P: Tensor) -> Tensor | LowRankDelta:
     return d - (d @ P) @ P.mT
 
 
-@register_filter("pact", params=PactParams, check=_check, lowrank=True)
+@register_filter(
+    "pact",
+    params=PactParams,
+    check=_check,
+    lowrank=True,
+    paper="PACT: Preserving anchored cores in task-vectors for model merging (arXiv:2606.18627)",
+)
 def pact(base: Tensor, deltas: list[Delta], ctx: ParamContext, p: PactParams) -> list[Delta]:
     """Strip each task vector of its projection onto the other tasks' load-bearing-wall subspaces."""
     if not ctx.info.is_matrix or not ctx.info.in_depth(p.depth) or len(deltas) < 2 or p.ranks(base.shape)[0] == 0:

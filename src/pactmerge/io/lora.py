@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from pactmerge.errors import PactMergeError
+from pactmerge.io.hub import local_reference
 from pactmerge.io.sources import Source, _open_file
 from pactmerge.lowrank import LowRankDelta
 
@@ -47,8 +48,10 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<mod>.+?)\.lora_(?P<ab>A|B)(?:\.
 
 
 def is_adapter(ref) -> bool:
-    """Whether a model reference is a PEFT adapter folder."""
-    return isinstance(ref, (str, Path)) and (Path(ref).expanduser() / ADAPTER_CONFIG).is_file()
+    """Whether a model reference is a PEFT adapter folder (a path, or a Hub id in the local cache)."""
+    if not isinstance(ref, (str, Path)):
+        return False
+    return (Path(local_reference(ref)).expanduser() / ADAPTER_CONFIG).is_file()
 
 
 def pattern_value(patterns: dict | None, module: str, default):
@@ -248,4 +251,4 @@ class LoraSource(Source):
 
 
 def open_adapter(ref, base: Source) -> LoraSource:
-    return LoraSource(Path(ref), base)
+    return LoraSource(Path(local_reference(ref)), base)

@@ -9,7 +9,9 @@ one tensor at a time. Supported inputs:
   corruption are reported with the file and parameter name);
 * a PyTorch ``.bin`` / ``.pt`` state dict, loaded with ``weights_only=True`` (never unpickling
   arbitrary objects) and ``mmap=True`` where the file format allows;
-* an in-memory ``dict[str, Tensor]`` (Python API).
+* an in-memory ``dict[str, Tensor]`` (Python API);
+* a Hugging Face Hub id (``owner/name[@revision]``) that is not an existing path: its folder in
+  the local Hugging Face cache (:mod:`pactmerge.io.hub`; never downloaded).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor
 
 from pactmerge.errors import PactMergeError
+from pactmerge.io.hub import local_reference
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -282,12 +285,13 @@ def _open_folder(folder: Path) -> Source:
 
 
 def open_source(spec: str | os.PathLike | Mapping[str, Tensor], label: str | None = None) -> Source:
-    """Open a checkpoint lazily: an HF folder, a .safetensors / .bin / .pt file, or a state dict."""
+    """Open a checkpoint lazily: an HF folder, a .safetensors / .bin / .pt file, a state dict, or a Hub id
+    in the local Hugging Face cache."""
     if isinstance(spec, Source):
         return spec
     if isinstance(spec, Mapping):
         return DictSource(spec, label or "<in-memory state dict>")
-    path = Path(spec).expanduser()
+    path = Path(local_reference(spec)).expanduser()
     if path.is_dir():
         return _open_folder(path)
     if not path.exists():

@@ -24,7 +24,23 @@ from torch import Tensor
 from pactmerge.errors import PactMergeError
 from pactmerge.io.sources import SAFETENSORS_DTYPES
 
-WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json", "*.msgpack", "*.h5", "*.ckpt")
+WEIGHT_FILE_PATTERNS = (
+    "*.safetensors",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.index.json",
+    "*.msgpack",
+    "*.h5",
+    "*.ckpt",
+    "*.onnx",
+    "*.onnx_data",
+    "*.gguf",
+    "*.tflite",
+    "*.ot",
+)
+# Written by pactmerge itself at the top of the output folder, so never copied from the base.
+_OWN_FILES = ("README.md", "pactmerge_config.yaml")
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
@@ -131,18 +147,42 @@ class ShardedWriter:
 
 
 def copy_non_weight_files(src: Path, dst: Path) -> list[str]:
-    """Copy config, tokenizer and other non-weight files of an HF folder (top level only)."""
+    """Copy the non-weight files of an HF folder: config, tokenizer, and the subfolders'
+    (e.g. sentence-transformers modules ``1_Pooling/``, and ``2_Normalize/``, which is empty).
+    Weight files (:data:`WEIGHT_FILE_PATTERNS`) are never copied, nor hidden files and folders
+    (``.git``, ``.cache``), nor the top-level ``README.md`` (the output has its own card).
+
+    Returns:
+        The copied files' paths relative to ``src`` (POSIX form), sorted.
+    """
     copied = []
-    for f in sorted(src.iterdir()):
-        if (
-            not f.is_file()
-            or any(f.match(p) for p in WEIGHT_FILE_PATTERNS)
-            or f.name in ("README.md", "pactmerge_config.yaml")
-        ):
+    for f in sorted(src.rglob("*")):
+        rel = f.relative_to(src)
+        if any(part.startswith(".") for part in rel.parts):
             continue
-        shutil.copy2(f, dst / f.name)
-        copied.append(f.name)
+        if f.is_dir():
+            if not any(f.iterdir()):  # an empty module folder still has to exist
+                (dst / rel).mkdir(parents=True, exist_ok=True)
+            continue
+        if any(f.match(p) for p in WEIGHT_FILE_PATTERNS) or (len(rel.parts) == 1 and f.name in _OWN_FILES):
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dst / rel)  # content only: the output's modes follow the umask
+        copied.append(rel.as_posix())
     return copied
+
+
+def _make_dir_beside(parent: Path, prefix: str) -> Path:
+    """A new, uniquely named folder in ``parent`` created with mode 0o777 minus the umask (unlike
+    ``tempfile.mkdtemp``'s 0o700, which the output folder would keep after the rename)."""
+    for _ in range(100):
+        path = parent / f"{prefix}{os.urandom(6).hex()}"
+        try:
+            path.mkdir(mode=0o777)
+        except FileExistsError:
+            continue
+        return path
+    raise PactMergeError(f"{parent}: cannot create a temporary folder")
 
 
 @contextlib.contextmanager
@@ -156,7 +196,7 @@ def atomic_output_dir(target: Path, overwrite: bool = False):
         raise PactMergeError(f"{target}: output folder already exists (pass --overwrite to replace it)")
     parent = target.parent if str(target.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    tmp = _make_dir_beside(parent, f".{target.name}.tmp-")
     try:
         yield tmp
     except BaseException:

@@ -11,6 +11,8 @@ magnitude, ascending (ties broken by position)::
 
 so exactly ``k`` entries of each task vector survive: the band just below the top ``g``. The
 paper's ``beta`` (left tail) is ``1 - density - gamma``; the engine's ``alpha`` is its lambda.
+A model's ``parameters: {density: ..., gamma: ...}`` replaces them for its task (mergekit's
+per-model options).
 ``elect: true`` adds TIES's sign election on the masked task vectors and sums the agreeing
 entries (mergekit's ``breadcrumbs_ties``).
 
@@ -27,6 +29,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
+from pactmerge.errors import PactMergeError
 from pactmerge.methods.task_arithmetic import weighted_sum
 from pactmerge.methods.ties import ties_merge
 from pactmerge.registry import ParamContext, Params, register_method
@@ -47,6 +50,28 @@ class BreadcrumbsParams(Params):
         return self
 
 
+class BreadcrumbsModelParams(Params):
+    """Per-model options of breadcrumbs (a model's ``parameters:``)."""
+
+    density: float | None = Field(None, gt=0.0, le=1.0, strict=True, description="this task's kept fraction")
+    gamma: float | None = Field(None, ge=0.0, lt=1.0, strict=True, description="this task's dropped top fraction")
+
+
+def task_bands(ctx: ParamContext, p: BreadcrumbsParams) -> list[tuple[float, float]]:
+    """``(density_t, gamma_t)`` per task: the model's own options, else the method's."""
+    out = []
+    for i, mp in enumerate(ctx.model_params):
+        density = p.density if mp.get("density") is None else float(mp["density"])
+        gamma = p.gamma if mp.get("gamma") is None else float(mp["gamma"])
+        if density + gamma > 1.0 + 1e-12:
+            raise PactMergeError(
+                f"config key 'models[{i}].parameters' (breadcrumbs): density + gamma = {density + gamma:g} > 1;"
+                " lower density or gamma"
+            )
+        out.append((density, gamma))
+    return out
+
+
 def breadcrumbs_mask(d: Tensor, density: float, gamma: float) -> Tensor:
     """Boolean mask keeping exactly ``floor(density n)`` entries of ``d``: those just below its
     ``floor(gamma n)`` largest magnitudes (ascending magnitude order, ties broken by position)."""
@@ -58,12 +83,18 @@ def breadcrumbs_mask(d: Tensor, density: float, gamma: float) -> Tensor:
     return keep.reshape(d.shape)
 
 
-@register_method("breadcrumbs", params=BreadcrumbsParams)
+@register_method(
+    "breadcrumbs",
+    params=BreadcrumbsParams,
+    model_params=BreadcrumbsModelParams,
+    uses_weight=True,
+    paper="Model Breadcrumbs: Scaling multi-task model merging with sparse masks (arXiv:2312.06795)",
+)
 def breadcrumbs(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: BreadcrumbsParams) -> Tensor:
     """Model Breadcrumbs: per layer, keep each task vector's band below its top-gamma magnitudes; weighted sum."""
     masked = [
-        torch.where(breadcrumbs_mask(d, p.density, p.gamma), d, torch.zeros((), dtype=d.dtype, device=d.device))
-        for d in deltas
+        torch.where(breadcrumbs_mask(d, density, gamma), d, torch.zeros((), dtype=d.dtype, device=d.device))
+        for d, (density, gamma) in zip(deltas, task_bands(ctx, p))
     ]
     if p.elect:
         return ties_merge(masked, ctx.weights, [0.0] * len(masked), "sum")

@@ -18,7 +18,7 @@ the paper tunes it on validation data -- while the engine's ``alpha`` scales the
 (use ``alpha: 1``, the paper's form). 1-D parameters: ``Delta_avg`` (the centred low-rank part
 is not defined for them; the centred vectors' sum is zero anyway).
 
-Per-model weights are not part of CART: weights other than 1 are refused. Neither fusion_bench
+Per-model weights are not part of CART: weights other than 1 are refused (before the merge starts). Neither fusion_bench
 0.2.33 nor mergekit 0.1.5 has CART.
 """
 
@@ -72,11 +72,14 @@ def truncated(d: Tensor, k: int) -> Tensor:
     return (u[:, :k] * s[:k]) @ vh[:k]
 
 
-@register_method("cart", params=CartParams, check=_check)
+@register_method(
+    "cart",
+    params=CartParams,
+    check=_check,
+    paper="Revisiting weight averaging for model merging (arXiv:2412.12153)",
+)
 def cart(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: CartParams) -> Tensor:
     """CART: weight average plus lambda times the rank-k parts of the task vectors centred on that average."""
-    if any(w != 1.0 for w in ctx.weights):
-        raise PactMergeError("method cart: per-model weights are not part of CART; remove the models' weight keys")
     avg = mean_of(deltas)
     if not ctx.info.is_matrix:
         return avg

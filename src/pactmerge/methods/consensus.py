@@ -16,6 +16,8 @@ from the TIES-merged vector itself and TIES aggregates by the disjoint *sum* (``
 "selfish" entries (relevant to one task only) and "catastrophic" ones (relevant to none);
 ``k = 0`` reduces to the base method, ``k > T`` to the zero update.
 
+Per-model options: ``lambda`` (below) and, with ``base_method: ties``, TIES's per-model ``density``.
+
 ``lambda_t``: a model's ``parameters: {lambda: ...}`` if given, else the method's ``lambda``. The
 paper tunes lambda_t per task on validation data over {0.2, 0.3, 0.4, 0.5, 0.6}; the data-free
 default here is 0.6, fusion_bench's default for TALL masks (``tall_mask_lambda: 0.6``). Smaller
@@ -36,7 +38,6 @@ import torch
 from pydantic import ConfigDict, Field
 from torch import Tensor
 
-from pactmerge.errors import PactMergeError
 from pactmerge.methods.task_arithmetic import weighted_sum
 from pactmerge.methods.ties import TiesParams, thresholds_for, ties_merge, ties_prepare
 from pactmerge.registry import ParamContext, Params, register_method
@@ -61,15 +62,26 @@ class ConsensusParams(Params):
     )
 
 
+class ConsensusModelParams(Params):
+    """Per-model options of consensus and tall_masks (a model's ``parameters:``)."""
+
+    lambda_: float | None = Field(None, ge=0.0, alias="lambda", strict=True, description="this task's lambda_t")
+
+
+class ConsensusTiesModelParams(ConsensusModelParams):
+    """Per-model options with ``base_method: ties``: also TIES's per-model density."""
+
+    density: float | None = Field(None, gt=0.0, le=1.0, strict=True, description="this task's TIES trim density")
+
+
+def consensus_model_params(p) -> type[Params]:
+    """The per-model options of a method configured with ``p`` (``base_method``: TA or TIES)."""
+    return ConsensusTiesModelParams if p.base_method == "ties" else ConsensusModelParams
+
+
 def task_lambdas(ctx: ParamContext, default: float) -> list[float]:
-    """lambda_t per task: the model's ``parameters.lambda`` if given, else ``default``."""
-    out = []
-    for i, mp in enumerate(ctx.model_params):
-        lam = mp.get("lambda", default)
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
-            raise PactMergeError(f"config key 'models[{i}].parameters.lambda': must be a number >= 0, got {lam!r}")
-        out.append(float(lam))
-    return out
+    """Each task's lambda_t: its model's ``parameters.lambda``, else ``default``."""
+    return [float(default if mp.get("lambda") is None else mp["lambda"]) for mp in ctx.model_params]
 
 
 def tall_masks(deltas: list[Tensor], mtl: Tensor, lambdas: list[float]) -> list[Tensor]:
@@ -92,7 +104,14 @@ def _prepare(stream, p: ConsensusParams) -> dict:
     return {}
 
 
-@register_method("consensus", params=ConsensusParams, prepare=_prepare)
+@register_method(
+    "consensus",
+    params=ConsensusParams,
+    prepare=_prepare,
+    model_params=consensus_model_params,
+    uses_weight=True,
+    paper="Localizing task information for improved model merging and compression (arXiv:2405.07813)",
+)
 def consensus(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: ConsensusParams) -> Tensor:
     """Consensus merging: base method (TA or TIES) masked to entries >= k TALL masks (built from it) agree on."""
     if p.base_method == "ties":

@@ -18,7 +18,8 @@ parameter restoring ``||Delta_t||_1``; ``none``. Then Elect and Fuse, as TIES wi
 ``sum_t w_t D_t`` (mergekit's ``della_linear``). The engine's ``alpha`` is the paper's lambda.
 
 Requires ``0 <= p_i < 1`` for every rank: ``epsilon / 2 <= 1 - density`` and
-``epsilon / 2 < density`` (parameters outside are refused). ``epsilon = 0`` is DARE with
+``epsilon / 2 < density`` (parameters outside are refused). A model's ``parameters: {density:
+..., epsilon: ...}`` replaces them for its task (mergekit's per-model options). ``epsilon = 0`` is DARE with
 ``p = 1 - density``. Draws: ``ctx.generator`` per (config seed, parameter, task).
 
 mergekit 0.1.5 ``della``: keep probability ``density - eps' + 2 eps' q`` with ``q = rank / (n - 1)``
@@ -37,11 +38,23 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
+from pactmerge.errors import PactMergeError
 from pactmerge.methods.task_arithmetic import weighted_sum
 from pactmerge.methods.ties import ties_merge
 from pactmerge.registry import ParamContext, Params, register_method
 
 _SALT = 104_729  # keeps DELLA's draws apart from a `dare` filter's on the same parameter
+
+
+def probabilities_error(density: float, epsilon: float) -> str | None:
+    """Why ``(density, epsilon)`` gives drop probabilities outside [0, 1), or None."""
+    half = epsilon / 2
+    if half > 1.0 - density + 1e-12 or (density < 1.0 and half >= density):
+        return (
+            f"density={density:g}, epsilon={epsilon:g}: drop probabilities (1 - density) -/+ epsilon/2"
+            " must lie in [0, 1); lower epsilon"
+        )
+    return None
 
 
 class DellaParams(Params):
@@ -55,13 +68,30 @@ class DellaParams(Params):
 
     @model_validator(mode="after")
     def _probabilities_valid(self):
-        half = self.epsilon / 2
-        if half > 1.0 - self.density + 1e-12 or (self.density < 1.0 and half >= self.density):
-            raise ValueError(
-                f"density={self.density:g}, epsilon={self.epsilon:g}: drop probabilities (1 - density) -/+ epsilon/2"
-                " must lie in [0, 1); lower epsilon"
-            )
+        error = probabilities_error(self.density, self.epsilon)
+        if error:
+            raise ValueError(error)
         return self
+
+
+class DellaModelParams(Params):
+    """Per-model options of della (a model's ``parameters:``)."""
+
+    density: float | None = Field(None, gt=0.0, le=1.0, strict=True, description="this task's mean kept fraction")
+    epsilon: float | None = Field(None, ge=0.0, lt=1.0, strict=True, description="this task's spread")
+
+
+def task_options(ctx: ParamContext, p: DellaParams) -> list[DellaParams]:
+    """Each task's DELLA options: the model's own density / epsilon, else the method's."""
+    out = []
+    for i, mp in enumerate(ctx.model_params):
+        density = p.density if mp.get("density") is None else float(mp["density"])
+        epsilon = p.epsilon if mp.get("epsilon") is None else float(mp["epsilon"])
+        error = probabilities_error(density, epsilon)
+        if error:
+            raise PactMergeError(f"config key 'models[{i}].parameters' (della): {error}")
+        out.append(p.model_copy(update={"density": density, "epsilon": epsilon}))
+    return out
 
 
 def magprune_keep_probability(d: Tensor, density: float, epsilon: float) -> Tensor:
@@ -93,10 +123,17 @@ def magprune(d: Tensor, p: DellaParams, gen: torch.Generator) -> Tensor:
     return kept
 
 
-@register_method("della", params=DellaParams)
+@register_method(
+    "della",
+    params=DellaParams,
+    model_params=DellaModelParams,
+    uses_weight=True,
+    paper="DELLA-Merging: Reducing interference in model merging through magnitude-based sampling (arXiv:2406.11617)",
+)
 def della(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: DellaParams) -> Tensor:
     """DELLA: magnitude-ranked stochastic drop (MAGPRUNE) with rescale, sign election, disjoint mean."""
-    pruned = [magprune(d, p, ctx.generator(salt=_SALT + t)) for t, d in enumerate(deltas)]
+    options = task_options(ctx, p)
+    pruned = [magprune(d, pt, ctx.generator(salt=_SALT + t)) for t, (d, pt) in enumerate(zip(deltas, options))]
     if not p.elect:
         return weighted_sum(pruned, ctx.weights)
     return ties_merge(pruned, ctx.weights, [0.0] * len(pruned), p.aggregate)

@@ -67,14 +67,20 @@ def isotropic_flatten_lowrank(
     return LowRankDelta(sigma_bar * u[:, :r], vh[:r])
 
 
-@register_method("iso_c", params=IsoCParams, lowrank=True)
+@register_method(
+    "iso_c",
+    params=IsoCParams,
+    lowrank=True,
+    uses_weight=True,
+    paper="No task left behind: isotropic model merging with common and task-specific subspaces (arXiv:2502.04959)",
+)
 def iso_c(base: Tensor, deltas: list[Delta], ctx: ParamContext, p: IsoCParams) -> Delta:
     """Iso-C: the spectrum of sum_t Delta_t flattened to its mean; 1-D parameters: mean of Delta_t."""
     if ctx.info.is_matrix and p.rank_aware and all_lowrank(deltas):
         return isotropic_flatten_lowrank(deltas, ctx.weights, p.rank_rtol)
     dense = densify(deltas)
-    if not ctx.info.is_matrix:
-        return mean_of(dense)
+    if not ctx.info.is_matrix:  # the mean of w_t Delta_t (the weights scale the task vectors, as in the sum)
+        return weighted_sum(dense, [w / len(dense) for w in ctx.weights])
     return isotropic_flatten(weighted_sum(dense, ctx.weights), p.rank_aware, p.rank_rtol)
 
 
@@ -166,7 +172,13 @@ def iso_cts_merge_lowrank(deltas: list[LowRankDelta], f: float, rank_rtol: float
     return LowRankDelta((sigma_sum / r) * u_perp, v_perp.mT)
 
 
-@register_method("iso_cts", params=IsoCtsParams, lowrank=True)
+@register_method(
+    "iso_cts",
+    params=IsoCtsParams,
+    lowrank=True,
+    uses_weight=True,
+    paper="No task left behind: isotropic model merging with common and task-specific subspaces (arXiv:2502.04959)",
+)
 def iso_cts(base: Tensor, deltas: list[Delta], ctx: ParamContext, p: IsoCtsParams) -> Delta:
     """Iso-CTS: common + task-specific singular directions, polar-whitened, one flat spectrum; 1-D: mean.
 

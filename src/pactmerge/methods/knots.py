@@ -24,7 +24,8 @@ For a 2-D parameter with task vectors ``Delta_t`` (``m x n``)::
 the rest by ``1 / (1 - dare_p)`` (KnOTS-DARE-TIES with ``ties``); the draws are seeded per
 parameter and task. 1-D parameters: ``task_arithmetic`` / ``ties`` on the task vectors themselves
 (with the model-wide thresholds under ``scope: model``), the mean for ``iso_c`` / ``iso_cts``.
-PACT composes as a filter: it runs on the task vectors first.
+PACT composes as a filter: it runs on the task vectors first. With ``ties``, a model's
+``parameters: {density: d_t}`` replaces ``density`` for its task.
 
 ``scope: model`` needs each task's k-th largest ``|C_t|`` over the whole model before merging:
 ``prepare`` recomputes the coordinates in each of TIES's radix-selection passes (2 in float32),
@@ -61,9 +62,11 @@ from pactmerge.methods.isotropic import iso_cts_merge, isotropic_flatten, mean_o
 from pactmerge.methods.task_arithmetic import weighted_sum
 from pactmerge.methods.ties import (
     MappedStream,
+    TiesModelParams,
     TiesParams,
     kth_largest_magnitude,
     model_thresholds,
+    task_densities,
     ties_merge,
     trim_count,
 )
@@ -90,6 +93,11 @@ class KnotsParams(Params):
 
 def _ties(p: KnotsParams) -> TiesParams:
     return TiesParams(density=p.density, scope=p.scope, aggregate=p.aggregate, trim_count=p.trim_count)
+
+
+def knots_model_params(p: KnotsParams) -> type[Params] | None:
+    # Only the TIES base method has a per-model option (density).
+    return TiesModelParams if p.base_method == "ties" else None
 
 
 def knots_svd(deltas: list) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -139,8 +147,9 @@ def _trimmed_items(ctx: ParamContext, _base: Tensor, deltas: list, p: KnotsParam
 def _prepare(stream, p: KnotsParams) -> dict:
     if p.base_method != "ties" or p.scope != "model":
         return {}
+    tp = _ties(p)
     ranked = MappedStream(stream, lambda ctx, base, deltas: _trimmed_items(ctx, base, deltas, p))
-    return {"thresholds": model_thresholds(ranked, lambda n: trim_count(n, _ties(p)))}
+    return {"thresholds": model_thresholds(ranked, lambda ctx, t, n: trim_count(n, tp, task_densities(ctx, tp)[t]))}
 
 
 def _ties_on(items: list[Tensor], ctx: ParamContext, p: KnotsParams) -> Tensor:
@@ -151,7 +160,8 @@ def _ties_on(items: list[Tensor], ctx: ParamContext, p: KnotsParams) -> Tensor:
         thresholds = stats["thresholds"]
     else:
         tp = _ties(p)
-        thresholds = [kth_largest_magnitude(x, trim_count(x.numel(), tp)) for x in items]
+        densities = task_densities(ctx, tp)
+        thresholds = [kth_largest_magnitude(x, trim_count(x.numel(), tp, d)) for x, d in zip(items, densities)]
     return ties_merge(items, ctx.weights, thresholds, p.aggregate)
 
 
@@ -167,7 +177,15 @@ def merge_coordinates(coords: list[Tensor], ctx: ParamContext, p: KnotsParams) -
     return iso_cts_merge(scaled, p.common_space_fraction, p.rank_aware, p.rank_rtol)
 
 
-@register_method("knots", params=KnotsParams, prepare=_prepare, lowrank=True)
+@register_method(
+    "knots",
+    params=KnotsParams,
+    prepare=_prepare,
+    lowrank=True,
+    model_params=knots_model_params,
+    uses_weight=True,
+    paper="Model merging with SVD to tie the KnOTS (arXiv:2410.19735)",
+)
 def knots(base: Tensor, deltas: list, ctx: ParamContext, p: KnotsParams):
     """KnOTS: SVD of [Delta_1 ... Delta_T] = U S [V_1 ... V_T]; merge the coordinates S V_t (TA, TIES, Iso-C/CTS)."""
     if not ctx.info.is_matrix:

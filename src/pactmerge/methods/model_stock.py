@@ -66,7 +66,13 @@ def stock_ratio(deltas: list[Tensor], filter_wise: bool, average: str) -> Tensor
     return ratio.unsqueeze(1) if filter_wise else ratio.reshape(())
 
 
-@register_method("model_stock", params=ModelStockParams, check=_check)
+@register_method(
+    "model_stock",
+    params=ModelStockParams,
+    check=_check,
+    uses_weight=True,
+    paper="Model Stock: All we need is just a few fine-tuned models (arXiv:2403.19522)",
+)
 def model_stock(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: ModelStockParams) -> Tensor:
     """Model Stock: ratio * mean(Delta_t), ratio = N cos / (1 + (N - 1) cos) from the task vectors' mean cosine."""
     if len(deltas) < 2:

@@ -141,7 +141,7 @@ def _prepare(stream, p: PcbParams) -> dict:
     if stats is None:
         return {}
     scored = MappedStream(stream, lambda _ctx, _base, deltas: stats.scores(deltas))
-    return {"stats": stats, "thresholds": model_thresholds(scored, lambda n: keep_count(n, p.ratio))}
+    return {"stats": stats, "thresholds": model_thresholds(scored, lambda _ctx, _t, n: keep_count(n, p.ratio))}
 
 
 def pcb_merge(deltas: list[Tensor], weights: list[float], betas: list[Tensor], thresholds: list[float]) -> Tensor:
@@ -158,7 +158,13 @@ def pcb_merge(deltas: list[Tensor], weights: list[float], betas: list[Tensor], t
     return out.to(deltas[0].dtype)
 
 
-@register_method("pcb", params=PcbParams, prepare=_prepare)
+@register_method(
+    "pcb",
+    params=PcbParams,
+    prepare=_prepare,
+    uses_weight=True,
+    paper="Parameter competition balancing for model merging (arXiv:2410.02396)",
+)
 def pcb(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: PcbParams) -> Tensor:
     """PCB-Merging: intra- and inter-balancing scores; keep each task's top-ratio scores; score-weighted mean."""
     if p.scope == "model":

@@ -123,13 +123,13 @@ def slerp_vectors(t: float, a: Tensor, b: Tensor, dot_threshold: float = 0.9995,
     return (ca * a64 + cb * b64).reshape(a.shape).to(a.dtype)
 
 
-@register_method("slerp", params=SlerpParams, check=_check)
+@register_method(
+    "slerp", params=SlerpParams, check=_check, paper="Animating rotation with quaternion curves (Shoemake 1985)"
+)
 def slerp(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: SlerpParams) -> Tensor:
     """SLERP of exactly two models (their weights, or their task vectors), with a per-tensor t."""
     if len(deltas) != 2:
         raise PactMergeError(f"method slerp: interpolates exactly 2 models, the config has {len(deltas)}")
-    if any(w != 1.0 for w in ctx.weights):
-        raise PactMergeError("method slerp: per-model weights do not apply (set the interpolation with parameters.t)")
     t = resolve_t(p, ctx.info)
     if p.space == "task_vectors":
         return slerp_vectors(t, deltas[0], deltas[1], p.dot_threshold)

@@ -54,7 +54,12 @@ def star_truncate(d: Tensor, eta: float) -> Tensor:
     return (u[:, :r] * scaled) @ vh[:r]
 
 
-@register_method("star", params=StarParams)
+@register_method(
+    "star",
+    params=StarParams,
+    uses_weight=True,
+    paper="STAR: Spectral truncation and rescale for model merging (arXiv:2502.10339)",
+)
 def star(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: StarParams) -> Tensor:
     """STAR: per task, keep the top singular values holding eta% of the nuclear norm, rescale to it; average."""
     if not ctx.info.is_matrix:

@@ -31,7 +31,7 @@ from typing import Literal
 from pydantic import ConfigDict, Field
 from torch import Tensor
 
-from pactmerge.methods.consensus import DisjointSumTiesParams, tall_masks, task_lambdas
+from pactmerge.methods.consensus import DisjointSumTiesParams, consensus_model_params, tall_masks, task_lambdas
 from pactmerge.methods.task_arithmetic import weighted_sum
 from pactmerge.methods.ties import thresholds_for, ties_merge, ties_prepare
 from pactmerge.modulators import Modulator, TaskSpecific
@@ -54,7 +54,15 @@ def _prepare(stream, p: TallMasksParams) -> dict:
     return ties_prepare(stream, p.ties) if p.base_method == "ties" else {}
 
 
-@register_method("tall_masks", params=TallMasksParams, prepare=_prepare, task_specific=True)
+@register_method(
+    "tall_masks",
+    params=TallMasksParams,
+    prepare=_prepare,
+    model_params=consensus_model_params,
+    uses_weight=True,
+    paper="Localizing task information for improved model merging and compression (arXiv:2405.07813)",
+    task_specific=True,
+)
 def tall_masks_method(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: TallMasksParams) -> TaskSpecific:
     """TALL masks: the merged tau_MTL plus, per task, the mask |Delta_t| >= lambda_t |tau_MTL - Delta_t|."""
     if p.base_method == "ties":

@@ -17,6 +17,9 @@ what its reference code does) or ``tensor`` (each parameter separately, n = its 
 Defaults are the paper's variant: ``scope: model``, ``aggregate: mean`` (the "disjoint mean"),
 ``density: 0.2`` (k = 20%), ``trim_count: floor`` (k = floor(density * n)), weights 1.
 
+Per-model density: a model's ``parameters: {density: d_t}`` replaces ``density`` for that task's
+trim (k_t = count(d_t, n)), in either scope -- as mergekit's per-model ``density``.
+
 How the common implementations differ (options reproducing each):
 
 =====================  ===============  ============  ============================  ======================
@@ -77,9 +80,22 @@ class TiesParams(Params):
     )
 
 
-def trim_count(n: int, p: TiesParams) -> int:
-    """Number k of entries each task keeps among ``n`` (capped at n)."""
-    k = int(p.density * n)
+class TiesModelParams(Params):
+    """Per-model options of TIES (a model's ``parameters:``)."""
+
+    density: float | None = Field(
+        None, gt=0.0, le=1.0, strict=True, description="this task's trim density (default: density)"
+    )
+
+
+def task_densities(ctx: ParamContext, p: TiesParams) -> list[float]:
+    """Each task's trim density: its model's ``parameters.density``, else ``p.density``."""
+    return [float(p.density if mp.get("density") is None else mp["density"]) for mp in ctx.model_params]
+
+
+def trim_count(n: int, p: TiesParams, density: float | None = None) -> int:
+    """Number k of entries a task keeps among ``n`` (capped at n), with ``density`` (default ``p.density``)."""
+    k = int((p.density if density is None else density) * n)
     if p.trim_count == "floor_plus_1":
         k += 1
     elif p.trim_count == "floor_at_least_1":
@@ -181,24 +197,27 @@ class _Select:
             self.collect = True
 
 
-def model_thresholds(stream: Iterable, count: Callable[[int], int]) -> list[float]:
+def model_thresholds(stream: Iterable, count: Callable[[ParamContext, int, int], int]) -> list[float]:
     """Each task's exact k-th largest |x_t| over every parameter of the stream (see module doc).
 
     Args:
         stream: re-iterable over ``(ctx, base, [x_1, ..., x_T])`` (one full pass per iteration);
             ``x_t`` are any same-count lists of tensors whose magnitudes are ranked (task vectors
             for TIES; KnOTS's scaled coordinates, PCB's scores for those methods).
-        count: ``k = count(n)`` for a task with ``n`` entries in all.
+        count: ``k = count(ctx, t, n)`` for task ``t`` with ``n`` entries in all (``ctx``: the
+            first parameter's context, for per-model options such as TIES's density).
 
     Returns:
         ``[tau_1, ..., tau_T]`` (``+inf`` for k = 0: nothing is kept).
     """
     sel: list[_Select] | None = None
     ks: list[int] = []
+    first: ParamContext | None = None
     while True:
-        for _ctx, _base, deltas in stream:
+        for ctx, _base, deltas in stream:
             if sel is None:
                 sel = [_Select() for _ in deltas]
+                first = ctx
             for s, d in zip(sel, deltas):
                 if not ks:
                     s.n += d.numel()
@@ -207,7 +226,8 @@ def model_thresholds(stream: Iterable, count: Callable[[int], int]) -> list[floa
         if sel is None:
             return []
         if not ks:
-            ks = [min(count(s.n), s.n) for s in sel]
+            assert first is not None  # set with sel
+            ks = [min(count(first, t, s.n), s.n) for t, s in enumerate(sel)]
             for s, k in zip(sel, ks):
                 if k == 0 or s.n == 0:
                     s.result = float("inf")
@@ -235,7 +255,7 @@ class MappedStream:
 def ties_prepare(stream, p: TiesParams) -> dict:
     if p.scope != "model":
         return {}
-    return {"thresholds": model_thresholds(stream, lambda n: trim_count(n, p))}
+    return {"thresholds": model_thresholds(stream, lambda ctx, t, n: trim_count(n, p, task_densities(ctx, p)[t]))}
 
 
 def thresholds_for(deltas: list[Tensor], ctx: ParamContext, p: TiesParams, stats: dict | None) -> list[float]:
@@ -243,10 +263,17 @@ def thresholds_for(deltas: list[Tensor], ctx: ParamContext, p: TiesParams, stats
         if stats is None:
             raise RuntimeError("ties: scope 'model' needs the thresholds of its prepare pass")
         return stats["thresholds"]
-    return [kth_largest_magnitude(d, trim_count(d.numel(), p)) for d in deltas]
+    return [kth_largest_magnitude(d, trim_count(d.numel(), p, t)) for d, t in zip(deltas, task_densities(ctx, p))]
 
 
-@register_method("ties", params=TiesParams, prepare=ties_prepare)
+@register_method(
+    "ties",
+    params=TiesParams,
+    prepare=ties_prepare,
+    model_params=TiesModelParams,
+    uses_weight=True,
+    paper="TIES-Merging: Resolving interference when merging models (arXiv:2306.01708)",
+)
 def ties(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: TiesParams) -> Tensor:
     """TIES: trim each Delta_t to its top-density magnitudes, elect signs, disjoint mean (or sum)."""
     return ties_merge(deltas, ctx.weights, thresholds_for(deltas, ctx, p, ctx.stats.get("ties")), p.aggregate)

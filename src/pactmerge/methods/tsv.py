@@ -76,7 +76,13 @@ def tsv_merge(deltas: list[Delta], rank_aware: bool = True, rank_rtol: float | N
     return (u_perp * s_cat) @ v_perp.mT
 
 
-@register_method("tsv_m", params=TsvParams, lowrank=True)
+@register_method(
+    "tsv_m",
+    params=TsvParams,
+    lowrank=True,
+    uses_weight=True,
+    paper="Task singular vectors: reducing task interference in model merging (arXiv:2412.00081)",
+)
 def tsv_m(base: Tensor, deltas: list[Delta], ctx: ParamContext, p: TsvParams) -> Delta:
     """TSV-M: each task's top floor(r/T) singular triplets, U and V whitened by polar factors; 1-D: mean."""
     scaled = [scale_delta(d, w) for d, w in zip(deltas, ctx.weights)]

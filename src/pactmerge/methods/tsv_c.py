@@ -49,7 +49,13 @@ def compress(d: Tensor, k: int) -> LowRankDelta:
     return LowRankDelta((u[:, :k] * s[:k]).contiguous(), vh[:k].contiguous())
 
 
-@register_method("tsv_c", params=TsvCParams, task_specific=True)
+@register_method(
+    "tsv_c",
+    params=TsvCParams,
+    uses_weight=True,
+    paper="Task singular vectors: reducing task interference in model merging (arXiv:2412.00081)",
+    task_specific=True,
+)
 def tsv_c(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: TsvCParams) -> TaskSpecific:
     """TSV-C: each task's top floor(fraction r) singular triplets as its own update; shared: TSV-M (or their sum)."""
     scaled = [d * w if w != 1.0 else d for d, w in zip(deltas, ctx.weights)]

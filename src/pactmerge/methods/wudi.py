@@ -98,7 +98,13 @@ def wudi_exact(G: Tensor, B: Tensor) -> Tensor:
     return B @ torch.linalg.pinv(G, hermitian=True)
 
 
-@register_method("wudi", params=WudiParams)
+@register_method(
+    "wudi",
+    params=WudiParams,
+    uses_weight=True,
+    paper="Whoever started the interference should end it: guiding data-free model merging via task vectors"
+    " (arXiv:2503.08099)",
+)
 def wudi(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: WudiParams) -> Tensor:
     """WUDI: per 2-D layer, minimise sum_t ||(X - tau_t) tau_t^T||^2 / ||tau_t||^2 (Adam from the sum, or exactly)."""
     taus = [d * w if w != 1.0 else d for d, w in zip(deltas, ctx.weights)]
