@@ -20,8 +20,9 @@ interference X causes on task t's own input subspace). ``solver``:
   pass is needed; its rounding stays relative to the residuals ``X - tau_t`` -- the expanded
   ``X G - B`` would cancel two large terms, and Adam's normalised steps turn any noise in a small
   gradient entry into a full ``lr`` step. The iterates are fusion_bench's up to rounding.
-* ``exact``: the minimiser itself, ``X* = B G^+`` (least squares; the component of X outside the
-  tasks' row space is zero, where Adam started from the sum leaves it too).
+* ``exact``: the minimiser itself, ``X* = B G^+`` (least squares, G and B accumulated and solved in
+  float64 whatever the compute dtype; the component of X outside the tasks' row space is zero,
+  where Adam started from the sum leaves it too).
 
 1-D parameters: the mean of the task vectors (as fusion_bench does). ``iterations`` is bounded
 (1 .. 100000) and ``lr`` must be positive. A task vector that is identically zero on a 2-D
@@ -49,15 +50,17 @@ class WudiParams(Params):
 
 
 def wudi_terms(taus: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """``(G, B)`` of the objective (see module doc) for ``T`` matrices ``(m, n)``: ``(n, n)``, ``(m, n)``."""
+    """``(G, B)`` of the objective (see module doc) for ``T`` matrices ``(m, n)``: ``(n, n)``, ``(m, n)``,
+    accumulated in float64 (the exact solver divides by G's small eigenvalues)."""
     n = taus[0].shape[1]
-    G = taus[0].new_zeros((n, n))
-    B = torch.zeros_like(taus[0])
+    G = taus[0].new_zeros((n, n), dtype=torch.float64)
+    B = torch.zeros_like(taus[0], dtype=torch.float64)
     for tau in taus:
-        c = 1.0 / float(torch.linalg.matrix_norm(tau) ** 2)
-        gram = tau.mT @ tau
+        t64 = tau.to(torch.float64)
+        c = 1.0 / float(torch.linalg.matrix_norm(t64) ** 2)
+        gram = t64.mT @ t64
         G.add_(gram, alpha=c)
-        B.add_(tau @ gram, alpha=c)
+        B.add_(t64 @ gram, alpha=c)
     return G, B
 
 
@@ -94,7 +97,7 @@ def wudi_adam(start: Tensor, taus: list[Tensor], iterations: int, lr: float) -> 
 
 
 def wudi_exact(G: Tensor, B: Tensor) -> Tensor:
-    """The minimiser ``B G^+`` (G symmetric positive semi-definite)."""
+    """The minimiser ``B G^+`` (G symmetric positive semi-definite), in G's dtype."""
     return B @ torch.linalg.pinv(G, hermitian=True)
 
 
@@ -117,7 +120,7 @@ def wudi(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: WudiParams) -
                 " 1/||tau_t||^2 is undefined (exclude the parameter with `exclude:` or drop the model)"
             )
     if p.solver == "exact":
-        return wudi_exact(*wudi_terms(taus))
+        return wudi_exact(*wudi_terms(taus)).to(taus[0].dtype)
     start = taus[0].clone()
     for tau in taus[1:]:
         start.add_(tau)
