@@ -68,6 +68,8 @@ def _write(inputs, output_dir: Path, device, overwrite: bool, progress: bool) ->
             writer.add(name, tensor)
         files = writer.close()
         copied = copy_non_weight_files(inputs.base.folder, tmp) if inputs.base.folder else []
+        if inputs.vocab is not None:  # the output vocabulary's tokenizer and vocab_size
+            inputs.vocab.write(tmp)
         (tmp / "pactmerge_config.yaml").write_text(config_to_yaml(cfg))
         (tmp / "README.md").write_text(_merge_card(cfg, inputs, files, copied, time.perf_counter() - start))
     return output_dir
@@ -173,8 +175,9 @@ def dry_run(config: MergeConfig | dict | str | os.PathLike, progress: bool = Fal
     try:
         for info in tqdm(inputs.plan.params, desc="checking", unit="param", disable=not progress, file=sys.stderr):
             for src in [inputs.base, *inputs.models]:
-                check_finite(src.get(info.name), src.file_of(info.name), info.name)
-        depth = [(stage.name, stage.depth) for stage in cfg.pipeline.filters]
-        return inputs.plan.describe(depth)
+                if info.name in src:  # a model may lack an optional buffer (plan.from_base)
+                    check_finite(src.get(info.name), src.file_of(info.name), info.name)
+        plan = inputs.plan.describe(cfg.pipeline.filters)
+        return plan if inputs.vocab is None else f"{plan}\n{inputs.vocab.describe()}"
     finally:
         inputs.close()

@@ -22,7 +22,8 @@ statistics (e.g. TIES with a global top-k) gives ``prepare``: it receives an ite
 that later calls see as ``ctx.stats[name]``. The argument is re-iterable: each ``for`` over it is
 one more full streaming pass (re-reading the inputs), for statistics that one pass cannot give
 exactly (e.g. a k-th largest value by radix selection). ``check(p, info)`` may reject a parameter up front
-(e.g. a rank larger than a matrix allows) with a :class:`PactMergeError`.
+(e.g. a rank larger than a matrix allows) with a :class:`PactMergeError`; ``bypass(p, info)`` returns
+why a filter leaves a parameter untouched (``--dry-run`` reports it), or None.
 
 ``lowrank=True`` declares that ``fn`` (and ``prepare``) accept task vectors given as
 :class:`pactmerge.lowrank.LowRankDelta` (LoRA adapters) mixed with dense tensors, and may return
@@ -62,6 +63,9 @@ class ParamInfo:
     kind: str  # "matrix" (2-D, merged by the SVD-aware path), "vector" (other float), "copy" (int/bool/excluded)
     layer: int | None  # layer index parsed from the name (see plan.layer_position)
     depth_fraction: float  # position of the layer in (0, 1]: filters with depth d apply when <= d
+    # Stored (in, out) (GPT-2's Conv1D; pactmerge.io.architectures): filters and methods get the
+    # (out, in) view and `shape` is still the stored shape (min(shape) and the ranks are unaffected).
+    transposed: bool = False
 
     @property
     def is_matrix(self) -> bool:
@@ -98,6 +102,8 @@ FilterFn = Callable[[Tensor, list[Delta], ParamContext, Any], list[Delta]]
 # The stream is re-iterable: each `for` over it is one more full streaming pass over the inputs.
 PrepareFn = Callable[[Iterable[tuple[ParamContext, Tensor, list[Delta]]], Any], Any]
 CheckFn = Callable[[Any, ParamInfo], None]
+# Why a filter leaves a parameter untouched though it is in the filter's scope (None: it filters it).
+BypassFn = Callable[[Any, ParamInfo], str | None]
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,7 @@ class Spec:
     doc: str = ""
     stage: str = "pre"  # filters only: "pre" (each task vector, before the method) or "post" (the merged one)
     lowrank: bool = False  # accepts pactmerge.lowrank.LowRankDelta task vectors; else the engine densifies them
+    bypass: BypassFn | None = None  # reported by --dry-run; the filter itself must follow the same rule
 
 
 METHODS: dict[str, Spec] = {}
@@ -117,7 +124,15 @@ FILTERS: dict[str, Spec] = {}
 
 
 def _register(
-    table: dict[str, Spec], kind: str, name: str, params, prepare, check, stage: str = "pre", lowrank: bool = False
+    table: dict[str, Spec],
+    kind: str,
+    name: str,
+    params,
+    prepare,
+    check,
+    stage: str = "pre",
+    lowrank: bool = False,
+    bypass: BypassFn | None = None,
 ):
     if stage not in ("pre", "post"):
         raise ValueError(f"{kind} {name!r}: stage must be 'pre' or 'post', not {stage!r}")
@@ -125,7 +140,8 @@ def _register(
     def deco(fn):
         if name in table:
             raise RuntimeError(f"{kind} {name!r} registered twice")
-        table[name] = Spec(name, fn, params or NoParams, prepare, check, (fn.__doc__ or "").strip(), stage, lowrank)
+        doc = (fn.__doc__ or "").strip()
+        table[name] = Spec(name, fn, params or NoParams, prepare, check, doc, stage, lowrank, bypass)
         return fn
 
     return deco
@@ -142,8 +158,9 @@ def register_filter(
     check=None,
     stage: str = "pre",
     lowrank: bool = False,
+    bypass: BypassFn | None = None,
 ):
-    return _register(FILTERS, "filter", name, params, prepare, check, stage, lowrank)
+    return _register(FILTERS, "filter", name, params, prepare, check, stage, lowrank, bypass)
 
 
 def _load_builtins() -> None:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from pactmerge.analysis.stream import AnalysisSetup, iter_subspaces
 from pactmerge.engine import MergeInputs
+from pactmerge.filters.pact_scope import pact_narrow_reason
 from pactmerge.plan import make_context
 from pactmerge.registry import ParamInfo
 
@@ -99,13 +100,9 @@ def ablation_params(inputs: MergeInputs, setup: AnalysisSetup) -> tuple[list[Par
     for info in inputs.plan.params:
         if not (info.is_matrix and info.in_depth(p.depth)):
             continue
-        if min(info.shape) < max(p.ranks(info.shape)):
-            skipped.append(
-                {
-                    "parameter": info.name,
-                    "reason": f"min(m, n)={min(info.shape)} < max(K, k)={max(p.ranks(info.shape))}",
-                }
-            )
+        reason = pact_narrow_reason(p, info.shape)  # the merge's rule
+        if reason is not None:
+            skipped.append({"parameter": info.name, "reason": reason})
             continue
         chosen.append(info)
     return chosen, skipped
