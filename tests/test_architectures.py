@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import pactmerge
 from conftest import np_pact
+from pactmerge.api import dry_run
 from pactmerge.errors import PactMergeError
 
 transformers = pytest.importorskip("transformers")
@@ -295,9 +296,7 @@ def test_gpt2_conv1d_is_filtered_on_its_input_side(families, tmp_path):
 def test_dry_run_reports_orientation_buffers_and_narrow_matrices(families):
     arch = ARCHS[0]  # bert + position_ids
     base, models = families(arch)
-    text = pactmerge.api.dry_run(
-        {"base_model": str(base), "models": [str(m) for m in models], "pact": {"K": K, "k": k}}
-    )
+    text = dry_run({"base_model": str(base), "models": [str(m) for m in models], "pact": {"K": K, "k": k}})
     assert "'embeddings.position_ids' is missing from" in text and "copied from the base" in text
     assert re.search(
         r"pact bypasses 'embeddings.token_type_embeddings.weight' \[2, 32\]: min\(m, n\)=2 <= pact.K=4", text
@@ -306,7 +305,7 @@ def test_dry_run_reports_orientation_buffers_and_narrow_matrices(families):
     assert "filters=-" in row
     gpt2 = next(a for a in ARCHS if a.name == "gpt2")
     base, models = families(gpt2)
-    text = pactmerge.api.dry_run({"base_model": str(base), "models": [str(m) for m in models], "method": "iso_c"})
+    text = dry_run({"base_model": str(base), "models": [str(m) for m in models], "method": "iso_c"})
     rows = [line for line in text.splitlines() if "(in,out)" in line]
     assert len(rows) == 4 * LAYERS and all(re.search(r"\.(c_attn|c_proj|c_fc)\.weight", r) for r in rows)
     assert "stored (in, out)" in text
