@@ -261,3 +261,39 @@ def test_remap_rows_rules():
     np.testing.assert_allclose(out[1].numpy(), np.vstack([m1, want_base[5:]]))
     np.testing.assert_allclose(out[2].numpy(), np.vstack([m2[:2], want_base[2], m2[2:], want_base[6]]))
     assert out[0].dtype == torch.float64 and out[1].shape == (7, 3)
+
+
+def test_tokenizer_source_path_is_relative_to_the_config_file(families, tmp_path):
+    base, models = families("llama-tied")
+    for f in (base, *models):
+        shutil.copytree(f, tmp_path / f.name)
+    config = tmp_path / "merge.yaml"
+    config.write_text("base_model: base\nmodels: [ft0, ft1, ft2]\ntokenizer_source: ft2\n")
+    text = dry_run(config)
+    assert f"tokenizer_source {tmp_path / 'ft2'}" in text and "rows (base 43)" in text
+
+
+def test_adapters_and_adapter_output_with_a_changed_vocabulary_are_refused(families, tmp_path):
+    base, models = families("llama-untied")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["q_proj"]})
+    )
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    lora = {f"{prefix}.lora_A.weight": torch.randn(2, HIDDEN), f"{prefix}.lora_B.weight": torch.randn(HIDDEN, 2)}
+    save_file(lora, adapter / "adapter_model.safetensors")
+    cfg = {"base_model": str(base), "models": [str(models[1]), str(adapter)], "tokenizer_source": "union"}
+    with pytest.raises(PactMergeError, match="LoRA adapter; merging adapters with a changed vocabulary"):
+        dry_run(cfg)
+    cfg = {
+        "base_model": str(base),
+        "models": [str(m) for m in models],
+        "tokenizer_source": "union",
+        "output": "adapter",
+    }
+    with pytest.raises(PactMergeError, match="tokenizer_source.*LoRA adapter cannot carry"):
+        dry_run(cfg)
+    # the same vocabulary everywhere: adapters merge as before, tokenizer_source: base is a no-op
+    same = {"base_model": str(base), "models": [str(models[0]), str(adapter)], "tokenizer_source": "base"}
+    assert "vocabulary:" not in dry_run(same)
