@@ -2,7 +2,7 @@
 fine-tuned model depend on its load-bearing-wall subspace?
 
 For every weight matrix W = theta_t (m x n) that PACT filters (2-D, not excluded, within
-``depth``, ``min(m, n) >= max(K, k)``) and each task t:
+``depth``, not narrow: ``min(m, n) > K`` and ``>= k``, filters/pact_scope.py) and each task t:
 
     LBW ablation      W <- W (I - V V^T),  V = V_{t,LBW} = orth((I - V_{t,k}V_{t,k}^T) V_{0,K})   (Eq. 5)
     random control    W <- W (I - R R^T),  R: (n, d_t) orthonormal, uniformly random inside the

@@ -207,13 +207,16 @@ def _input_vocab(src: Source) -> InputVocab:
 
 
 def _shape_mismatch(base: Source, model: Source, rows: int | None) -> str | None:
-    """A vocabulary-like parameter whose shape differs between ``base`` and ``model`` only along
-    its vocabulary axis (a differing vocabulary that the config files did not reveal)."""
+    """A vocabulary parameter (``rows`` along an axis, the base's vocabulary size) whose shape
+    differs between ``base`` and ``model`` only along that axis: a differing vocabulary that the
+    tokenizer files did not reveal. None when ``rows`` is unknown (the plan reports shapes then)."""
+    if rows is None:
+        return None
     for name in base.names():
         if name not in model or tuple(model.shape(name)) == tuple(base.shape(name)):
             continue
         a, b = tuple(base.shape(name)), tuple(model.shape(name))
-        axis = vocab_axis(a, rows) if rows is not None else (0 if len(a) == len(b) and a[1:] == b[1:] else None)
+        axis = vocab_axis(a, rows)
         if axis is not None and len(a) == len(b) and all(x == y for i, (x, y) in enumerate(zip(a, b)) if i != axis):
             return f"parameter {name!r} has {b[axis]} rows, the base {a[axis]}"
     return None
