@@ -155,7 +155,11 @@ def _corrupt(kind, tmp_path, base, models):
     if kind == "unknown_key":
         return {"alhpa": 2.0}, ["alhpa", "unknown key"]
     if kind == "K_out_of_range":
-        return {"pact": {"K": 30, "k": 3}}, ["pact.K=30", "embeddings.word_embeddings.weight", "min(m, n)=24"]
+        return {"pact": {"K": 30, "k": 3, "narrow": "error"}}, [
+            "pact.K=30",
+            "embeddings.word_embeddings.weight",
+            "min(m, n)=24",
+        ]
     if kind == "k_negative":
         return {"pact": {"K": 6, "k": -1}}, ["pact.k", "greater than or equal to 0"]
     raise AssertionError(kind)

@@ -169,7 +169,7 @@ def test_pact_then_dare_then_ties(rng, T):
     )
     for k in base:
         ds = deltas_of(base, models, k)
-        if base[k].ndim == 2:
+        if base[k].ndim == 2 and min(base[k].shape) > 6:  # head.w (6, 28): min(m, n) <= K, PACT bypasses it
             ds = np_pact(base[k], ds, 6, 3)
         ds = np_dare(k, ds, 0.4, seed=3)
         merged = np_ties_merge([np_trim(d, np_kth_largest(d, int(0.5 * d.size))) for d in ds], [1.0] * T, "mean")

@@ -197,3 +197,29 @@ def test_modulator_semantics_and_map_updates():
     assert mapped.per_task[0].mask is mask and torch.equal(mapped.per_task[1].replacement, -repl.dense())
     with pytest.raises(ValueError, match="boolean"):
         Modulator(mask=torch.ones(2))
+
+
+def test_per_task_outputs_of_an_in_out_weight(tmp_path, rng):
+    """GPT-2's Conv1D weights are stored (in, out): methods see the (out, in) view, and the
+    modulators are written back in the stored layout (masks and low-rank factors transposed)."""
+    T = 2
+    base = {"h.0.mlp.c_fc.weight": decaying(rng, 8, 20), "h.0.ln.weight": rng.standard_normal(8)}
+    models = [{k: v + 0.05 * rng.standard_normal(v.shape) for k, v in base.items()} for _ in range(T)]
+    paths = []
+    for name, sd in [("base", base)] + [(f"m{t}", m) for t, m in enumerate(models)]:
+        (tmp_path / name).mkdir()
+        save_file({k: torch.from_numpy(v) for k, v in sd.items()}, str(tmp_path / name / "model.safetensors"))
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+        paths.append(str(tmp_path / name))
+    for method in ("tsv_c", "tall_masks"):
+        cfg = {"base_model": paths[0], "models": paths[1:], "method": method, "dtype": "float64"}
+        out = pactmerge.merge(cfg, tmp_path / f"out_{method}")
+        got = load(pactmerge.materialize(out, 1, tmp_path / f"t1_{method}"))
+        k = "h.0.mlp.c_fc.weight"
+        ds = [m[k] - base[k] for m in models]
+        if method == "tsv_c":
+            u, s, vt = np.linalg.svd(ds[1], full_matrices=False)
+            ref = (u[:, :4] * s[:4]) @ vt[:4]  # floor(8 / 2) triplets, the same in either orientation
+        else:
+            ref = np_tall(ds, sum(ds), 0.6)[1] * sum(ds)
+        np.testing.assert_allclose(got[k], base[k] + ref, atol=1e-12)

@@ -140,6 +140,6 @@ def test_width_relative_ranks_pass_the_check_where_a_fixed_k_fails():
     from pactmerge.filters.pact import _check
 
     narrow = ParamInfo("blocks.1.project.weight", (16, 32), torch.float32, "matrix", 0, 1.0)
-    with pytest.raises(PactMergeError, match=r"pact.K=20 exceeds min\(m, n\)=16.*K_ratio"):
-        _check(PactParams(K=20, k=8), narrow)
-    _check(PactParams(K=20, k=8, K_ratio=0.04, k_ratio=0.02), narrow)  # K, k = 1, 1
+    with pytest.raises(PactMergeError, match=r"min\(m, n\)=16 <= pact.K=20.*K_ratio"):
+        _check(PactParams(K=20, k=8, narrow="error"), narrow)
+    _check(PactParams(K=20, k=8, K_ratio=0.04, k_ratio=0.02, narrow="error"), narrow)  # K, k = 1, 1

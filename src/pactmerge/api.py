@@ -111,6 +111,8 @@ def _write(inputs, output_dir: Path, device, overwrite: bool, progress: bool) ->
         if modulators is not None:
             modulators.close()
         copied = copy_non_weight_files(inputs.base.folder, tmp) if inputs.base.folder else []
+        if inputs.vocab is not None:  # the output vocabulary's tokenizer and vocab_size
+            inputs.vocab.write(tmp)
         # The merged tensors' dtype (copied ones keep the base's) goes into config.json.
         dtype = output_dtype([d for (_, _, d), p in zip(layout, inputs.plan.params) if p.kind != "copy"])
         if dtype is not None:
@@ -196,8 +198,9 @@ def dry_run(config: MergeConfig | dict | str | os.PathLike, progress: bool = Fal
         check_output(inputs)
         for info in tqdm(inputs.plan.params, desc="checking", unit="param", disable=not progress, file=sys.stderr):
             for src in [inputs.base, *inputs.models]:
-                check_finite(src.get(info.name), src.file_of(info.name), info.name)
-        depth = [(stage.name, stage.depth) for stage in cfg.pipeline.filters]
-        return inputs.plan.describe(depth)
+                if info.name in src:  # a model may lack an optional buffer (plan.from_base)
+                    check_finite(src.get(info.name), src.file_of(info.name), info.name)
+        plan = inputs.plan.describe(cfg.pipeline.filters)
+        return plan if inputs.vocab is None else f"{plan}\n{inputs.vocab.describe()}"
     finally:
         inputs.close()

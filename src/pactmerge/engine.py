@@ -10,7 +10,9 @@ For each parameter of the plan::
 
 Only ``T + 1`` input tensors of one parameter (plus the method's workspace) are in memory at a
 time; the sources are read lazily and the writer flushes shards as they fill. Parameters that
-are excluded or not floating point are copied from the base.
+are excluded or not floating point are copied from the base. A weight the architecture stores
+``(in, out)`` (GPT-2's ``Conv1D``; :mod:`pactmerge.io.architectures`) goes through the filters and
+the method as its ``(out, in)`` view and is written back in its stored layout.
 
 LoRA adapters (``pactmerge.io.lora``): an adapter's ``Delta_t`` of a 2-D weight is a
 :class:`~pactmerge.lowrank.LowRankDelta` (its factors); filters and methods registered with
@@ -34,9 +36,11 @@ from tqdm.auto import tqdm
 
 from pactmerge.config import DTYPES, MergeConfig
 from pactmerge.errors import PactMergeError
+from pactmerge.io.architectures import transpose_delta
 from pactmerge.io.sources import Source
+from pactmerge.io.vocab import VocabPlan, resolve_vocabulary
 from pactmerge.lowrank import Delta, add_to, densify, tensors_of
-from pactmerge.modulators import MethodResult, Modulator, map_updates, split_result
+from pactmerge.modulators import MethodResult, Modulator, map_updates, split_result, transpose_modulator
 from pactmerge.pipeline import Pipeline, Stage
 from pactmerge.plan import Plan, build_plan, check_finite, make_context
 from pactmerge.registry import ParamContext, ParamInfo
@@ -58,6 +62,7 @@ class MergeInputs:
     base: Source
     models: list[Source]
     plan: Plan
+    vocab: VocabPlan | None = None  # the output vocabulary when the inputs' differ (io/vocab.py)
 
     def close(self) -> None:
         for s in [self.base, *self.models]:
@@ -82,8 +87,12 @@ def open_inputs(cfg: MergeConfig) -> MergeInputs:
             )
             opened.append(src)
             models.append(src)
+        # Differing vocabularies: every input is seen with the output vocabulary from here on.
+        vocab = resolve_vocabulary(cfg, base, models)
+        if vocab is not None:
+            base, models = vocab.wrap(base, models)
         plan = build_plan(cfg, base, models)
-        inputs = MergeInputs(cfg, base, models, plan)
+        inputs = MergeInputs(cfg, base, models, plan, vocab)
         check_plan(inputs)
         return inputs
     except BaseException:
@@ -107,7 +116,9 @@ def read_deltas(
     inputs: MergeInputs, info: ParamInfo, device: torch.device, lowrank: bool = False
 ) -> tuple[Tensor, list[Delta]]:
     """``(theta_0, [Delta_t])`` of one parameter in the compute dtype on ``device``. An adapter's
-    update of a 2-D weight is a :class:`LowRankDelta` when ``lowrank``, else dense."""
+    update of a 2-D weight is a :class:`LowRankDelta` when ``lowrank``, else dense. A weight stored
+    ``(in, out)`` (``info.transposed``) is returned as its ``(out, in)`` view, the layout every
+    filter and method assumes (:mod:`pactmerge.io.architectures`)."""
     from pactmerge.io.lora import LoraSource
 
     dtype = inputs.cfg.compute_dtype
@@ -131,6 +142,8 @@ def read_deltas(
         # get() returns a private copy, so subtracting in place is safe even when .to() is a no-op.
         deltas.append(t.to(device=device, dtype=dtype).sub_(base))
         del t
+    if info.transposed:
+        return base.mT, [transpose_delta(d) for d in deltas]
     return base, deltas
 
 
@@ -214,7 +227,8 @@ def iter_merged_deltas(
 ) -> Iterator[tuple[ParamInfo, Tensor, Delta | None]]:
     """Yield ``(info, base, merged_delta)`` per parameter, in the plan's order.
 
-    ``base`` and ``merged_delta`` are in the compute dtype on ``device``; ``merged_delta`` is None
+    ``base`` and ``merged_delta`` are in the compute dtype on ``device``, in the checkpoint's stored
+    layout (an ``(in, out)`` weight is merged as its ``(out, in)`` view and turned back); ``merged_delta`` is None
     for copied parameters. The caller forms ``base + alpha * merged_delta`` (so one pass serves a
     whole grid of alpha values). With ``lowrank`` a merged delta may be a :class:`LowRankDelta`
     (a low-rank-aware method on adapters); otherwise it is always dense. A task-specific method's
@@ -234,6 +248,9 @@ def iter_merged_deltas(
         replacements = [m.replacement for m in modulators or [] if m.replacement is not None]
         for t in (t for d in [merged, *replacements] for t in tensors_of(d)):
             check_finite(t, f"method {cfg.method}", info.name)
+        if info.transposed:  # back to the stored (in, out) layout
+            base, merged = base.mT, transpose_delta(merged)
+            modulators = [transpose_modulator(m) for m in modulators] if modulators is not None else None
         if modulators is not None and on_modulators is not None:
             on_modulators(info, modulators)
         yield info, base, merged if lowrank else densify([merged])[0]

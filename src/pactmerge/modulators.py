@@ -133,6 +133,17 @@ def map_updates(result: MethodResult, fn: Callable[[Delta], Delta]) -> MethodRes
     return TaskSpecific(fn(result.shared), per_task)
 
 
+def transpose_modulator(m: Modulator) -> Modulator:
+    """The modulator of the transposed parameter (a stored ``(in, out)`` weight, see
+    :mod:`pactmerge.io.architectures`): mask and replacement transposed, scale unchanged."""
+    repl = m.replacement
+    if isinstance(repl, LowRankDelta):  # (B A)^T = A^T B^T, still factored
+        repl = LowRankDelta(repl.A.mT, repl.B.mT)
+    elif repl is not None:
+        repl = repl.mT
+    return Modulator(m.mask.mT if m.mask is not None else None, m.scale, repl)
+
+
 def pack_mask(mask: Tensor) -> Tensor:
     """A boolean tensor as uint8 bytes, 8 entries per byte, first entry in the lowest bit."""
     return torch.from_numpy(np.packbits(mask.detach().cpu().numpy().reshape(-1), bitorder="little"))

@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from pactmerge.errors import PactMergeError
-from pactmerge.registry import Spec, get_filter, get_method
+from pactmerge.registry import ParamInfo, Spec, get_filter, get_method
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,11 @@ class Stage:
     def depth(self) -> float:
         """The fraction of layers the stage applies to (filters with a ``depth`` option), else 1."""
         return float(getattr(self.params, "depth", 1.0))
+
+    def bypass(self, info: ParamInfo) -> str | None:
+        """Why this stage leaves ``info`` untouched though it is in its scope (e.g. PACT on a matrix
+        narrower than K), or None."""
+        return self.spec.bypass(self.params, info) if self.spec.bypass is not None else None
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import re
 import zlib
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from pactmerge.config import MergeConfig
 from pactmerge.errors import PactMergeError
+from pactmerge.io.architectures import in_out_weights, is_optional_buffer, read_model_config
 from pactmerge.io.sources import Source
+from pactmerge.pipeline import Stage
 from pactmerge.registry import ParamContext, ParamInfo
 
 _INDEX = re.compile(r"(?:^|\.)(\d+)(?=\.|$)")
@@ -36,31 +39,63 @@ class Plan:
     params: list[ParamInfo]
     num_layers: int
     ignored_extra: dict[str, list[str]]  # model label -> names it has that the base lacks
+    from_base: dict[str, list[str]] = field(default_factory=dict)  # name -> labels of the models lacking it
 
-    def describe(self, filters_with_depth: list[tuple[str, float]]) -> str:
-        """A human-readable table: parameter, shape, kind, layer, which filters apply."""
+    def describe(self, filters: Sequence[Stage]) -> str:
+        """A human-readable table: parameter, shape, kind, layer, which ``filters`` apply; then notes
+        (parameters a filter bypasses and why, (in, out) weights, parameters copied from the base)."""
         lines = [f"{len(self.params)} parameters, {self.num_layers} indexed layers"]
+        bypassed: list[str] = []
         for p in self.params:
-            applied = [n for n, d in filters_with_depth if p.is_matrix and p.in_depth(d)] if p.kind != "copy" else []
+            applied = []
+            for stage in filters if p.is_matrix else ():
+                if not p.in_depth(stage.depth):
+                    continue
+                reason = stage.bypass(p)
+                if reason is None:
+                    applied.append(stage.name)
+                else:
+                    bypassed.append(f"  note: {stage.name} bypasses {p.name!r} {list(p.shape)}: {reason}")
             layer = "-" if p.layer is None else str(p.layer)
             filt = ",".join(applied) if applied else "-"
-            lines.append(f"  {p.name:<60} {str(list(p.shape)):<16} {p.kind:<6} layer={layer:<4} filters={filt}")
+            stored = " (in,out)" if p.transposed else ""
+            lines.append(f"  {p.name:<60} {str(list(p.shape)):<16} {p.kind:<6} layer={layer:<4} filters={filt}{stored}")
+        lines += bypassed
+        transposed = [p.name for p in self.params if p.transposed]
+        if transposed:
+            lines.append(
+                f"  note: {len(transposed)} weight(s) stored (in, out) (e.g. {transposed[0]!r}): filters and the"
+                " method see them as (out, in)"
+            )
+        for name, labels in self.from_base.items():
+            lines.append(f"  note: {name!r} is missing from {', '.join(labels)}: copied from the base")
         for label, names in self.ignored_extra.items():
             lines.append(f"  note: {label} has {len(names)} parameter(s) the base lacks, ignored (e.g. {names[0]!r})")
         return "\n".join(lines)
 
 
 def build_plan(cfg: MergeConfig, base: Source, models: list[Source]) -> Plan:
-    """Check every model against the base (keys, shapes, dtypes) and classify each parameter."""
+    """Check every model against the base (keys, shapes, dtypes) and classify each parameter.
+
+    A base parameter a model lacks is an error, unless it is ``exclude``d or an optional buffer
+    (:func:`pactmerge.io.architectures.is_optional_buffer`): then it is copied from the base.
+    2-D weights the architecture stores ``(in, out)`` are marked ``transposed``.
+    """
     excludes = [re.compile(p) for p in cfg.exclude]
     names = base.names()
     if not names:
         raise PactMergeError(f"{base.label}: the base model has no parameters")
+    arch_config = read_model_config(base.folder)
+    from_base: dict[str, list[str]] = {}  # name -> labels of the models that lack it
     for src in models:
         for name in names:
             if name not in src:
+                if any(r.search(name) for r in excludes) or is_optional_buffer(name, arch_config):
+                    from_base.setdefault(name, []).append(src.label)
+                    continue
                 raise PactMergeError(
-                    f"{src.label}: missing parameter {name!r} (present in the base model {base.label})"
+                    f"{src.label}: missing parameter {name!r} (present in the base model {base.label};"
+                    " list it in 'exclude' to keep the base's value)"
                 )
             if src.shape(name) != base.shape(name):
                 raise PactMergeError(
@@ -72,6 +107,7 @@ def build_plan(cfg: MergeConfig, base: Source, models: list[Source]) -> Plan:
                     f"{src.label}: parameter {name!r} has dtype {src.dtype(name)}, the base model has"
                     f" {base.dtype(name)}"
                 )
+    in_out = in_out_weights(arch_config, {n: tuple(base.shape(n)) for n in names})
     ignored = {}
     for src in models:
         extra = [n for n in src.names() if n not in base]
@@ -85,7 +121,7 @@ def build_plan(cfg: MergeConfig, base: Source, models: list[Source]) -> Plan:
     params = []
     for pos, (name, idx) in enumerate(zip(names, indices)):
         shape, dtype = base.shape(name), base.dtype(name)
-        if not dtype.is_floating_point or any(r.search(name) for r in excludes):
+        if not dtype.is_floating_point or name in from_base or any(r.search(name) for r in excludes):
             kind = "copy"
         elif len(shape) == 2:
             kind = "matrix"
@@ -105,12 +141,13 @@ def build_plan(cfg: MergeConfig, base: Source, models: list[Source]) -> Plan:
                 kind,
                 idx,
                 frac,
+                transposed=name in in_out,
                 num_models=len(models),
                 layer_rank=None if idx is None else rank[idx],
                 num_layers=len(distinct),
             )
         )
-    return Plan(params, len(distinct), ignored)
+    return Plan(params, len(distinct), ignored, from_base)
 
 
 def param_seed(seed: int, name: str) -> int:

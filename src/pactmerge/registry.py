@@ -22,7 +22,8 @@ statistics (e.g. TIES with a global top-k) gives ``prepare``: it receives an ite
 that later calls see as ``ctx.stats[name]``. The argument is re-iterable: each ``for`` over it is
 one more full streaming pass (re-reading the inputs), for statistics that one pass cannot give
 exactly (e.g. a k-th largest value by radix selection). ``check(p, info)`` may reject a parameter up front
-(e.g. a rank larger than a matrix allows) with a :class:`PactMergeError`.
+(e.g. a rank larger than a matrix allows) with a :class:`PactMergeError`; ``bypass(p, info)`` returns
+why a filter leaves a parameter untouched (``--dry-run`` reports it), or None.
 
 Per-model options: ``model_params`` is a pydantic model (or a function of the validated ``params``
 returning one, or None) of the options a model's ``parameters:`` may give this method/filter
@@ -74,6 +75,9 @@ class ParamInfo:
     kind: str  # "matrix" (2-D, merged by the SVD-aware path), "vector" (other float), "copy" (int/bool/excluded)
     layer: int | None  # layer index parsed from the name (see plan.layer_position)
     depth_fraction: float  # position of the layer in (0, 1]: filters with depth d apply when <= d
+    # Stored (in, out) (GPT-2's Conv1D; pactmerge.io.architectures): filters and methods get the
+    # (out, in) view and `shape` is still the stored shape (min(shape) and the ranks are unaffected).
+    transposed: bool = False
     num_models: int = 0  # how many task vectors the method will receive (0: not known, e.g. a hand-made info)
     layer_rank: int | None = None  # 0-based rank of `layer` among the model's distinct layer indices
     num_layers: int = 0  # how many distinct layer indices the model has
@@ -114,6 +118,8 @@ FilterFn = Callable[[Tensor, list[Delta], ParamContext, Any], list[Delta]]
 # The stream is re-iterable: each `for` over it is one more full streaming pass over the inputs.
 PrepareFn = Callable[[Iterable[tuple[ParamContext, Tensor, list[Delta]]], Any], Any]
 CheckFn = Callable[[Any, ParamInfo], None]
+# Why a filter leaves a parameter untouched though it is in the filter's scope (None: it filters it).
+BypassFn = Callable[[Any, ParamInfo], str | None]
 # The per-model options a stage honours: a pydantic model, or a function of the stage's validated params giving one.
 ModelParamsSpec = type[BaseModel] | Callable[[Any], type[BaseModel] | None] | None
 
@@ -131,6 +137,7 @@ class Spec:
     model_params: ModelParamsSpec = None  # per-model options (see the module doc)
     uses_weight: bool = False  # methods: honours the models' `weight` (otherwise a weight != 1 is refused)
     paper: str = ""  # the paper, "Title (arXiv:NNNN.NNNNN)", for the model card
+    bypass: BypassFn | None = None  # reported by --dry-run; the filter itself must follow the same rule
     task_specific: bool = False  # methods only: may return a pactmerge.modulators.TaskSpecific (per-task outputs)
 
     def model_params_for(self, params: Any) -> type[BaseModel] | None:
@@ -193,6 +200,7 @@ def register_filter(
     lowrank: bool = False,
     model_params: ModelParamsSpec = None,
     paper: str = "",
+    bypass: BypassFn | None = None,
 ):
     return _register(
         FILTERS,
@@ -205,6 +213,7 @@ def register_filter(
         lowrank=lowrank,
         model_params=model_params,
         paper=paper,
+        bypass=bypass,
     )
 
 

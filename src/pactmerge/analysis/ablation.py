@@ -2,7 +2,7 @@
 fine-tuned model depend on its load-bearing-wall subspace?
 
 For every weight matrix W = theta_t (m x n) that PACT filters (2-D, not excluded, within
-``depth``, ``min(m, n) >= max(K, k)``) and each task t:
+``depth``, not narrow: ``min(m, n) > K`` and ``>= k``, filters/pact_scope.py) and each task t:
 
     LBW ablation      W <- W (I - V V^T),  V = V_{t,LBW} = orth((I - V_{t,k}V_{t,k}^T) V_{0,K})   (Eq. 5)
     random control    W <- W (I - R R^T),  R: (n, d_t) orthonormal, uniformly random inside the
@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from pactmerge.analysis.stream import AnalysisSetup, iter_subspaces
 from pactmerge.engine import MergeInputs
+from pactmerge.filters.pact_scope import pact_narrow_reason
 from pactmerge.plan import make_context
 from pactmerge.registry import ParamInfo
 
@@ -99,13 +100,9 @@ def ablation_params(inputs: MergeInputs, setup: AnalysisSetup) -> tuple[list[Par
     for info in inputs.plan.params:
         if not (info.is_matrix and info.in_depth(p.depth)):
             continue
-        if min(info.shape) < max(p.ranks(info.shape)):
-            skipped.append(
-                {
-                    "parameter": info.name,
-                    "reason": f"min(m, n)={min(info.shape)} < max(K, k)={max(p.ranks(info.shape))}",
-                }
-            )
+        reason = pact_narrow_reason(p, info.shape)  # the merge's rule
+        if reason is not None:
+            skipped.append({"parameter": info.name, "reason": reason})
             continue
         chosen.append(info)
     return chosen, skipped

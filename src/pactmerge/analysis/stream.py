@@ -24,6 +24,7 @@ from pactmerge.config import MergeConfig
 from pactmerge.engine import MergeInputs, apply_filters, read_deltas
 from pactmerge.errors import PactMergeError
 from pactmerge.filters.pact import PactParams, PactSubspaces, pact_subspaces
+from pactmerge.filters.pact_scope import pact_narrow_reason
 from pactmerge.pipeline import Stage
 from pactmerge.plan import make_context
 from pactmerge.registry import ParamInfo
@@ -66,9 +67,9 @@ def analysis_setup(cfg: MergeConfig) -> AnalysisSetup:
 def select(inputs: MergeInputs, setup: AnalysisSetup, layers: str | None) -> tuple[list[ParamInfo], list[dict]]:
     """The 2-D parameters to analyze, in plan order, and the skipped ones with a reason.
 
-    ``layers`` is a regex searched in each parameter name. A matrix smaller than the ranks
-    (``min(m, n) < max(K, k)``) is skipped: the merge either rejects it up front or, beyond
-    ``depth``, leaves it unfiltered.
+    ``layers`` is a regex searched in each parameter name. A matrix PACT cannot filter (the merge's
+    rule, :func:`pactmerge.filters.pact_scope.pact_narrow_reason`: ``min(m, n) <= K`` or ``< k``) is
+    skipped: the merge bypasses it (or, with ``pact.narrow: error``, refuses it).
     """
     try:
         pattern = re.compile(layers) if layers else None
@@ -79,13 +80,9 @@ def select(inputs: MergeInputs, setup: AnalysisSetup, layers: str | None) -> tup
     for info in inputs.plan.params:
         if info.kind != "matrix" or (pattern is not None and not pattern.search(info.name)):
             continue
-        if min(info.shape) < max(p.ranks(info.shape)):
-            skipped.append(
-                {
-                    "parameter": info.name,
-                    "reason": f"min(m, n)={min(info.shape)} < max(K, k)={max(p.ranks(info.shape))}",
-                }
-            )
+        reason = pact_narrow_reason(p, info.shape)
+        if reason is not None:
+            skipped.append({"parameter": info.name, "reason": reason})
             continue
         chosen.append(info)
     if not chosen:

@@ -71,6 +71,8 @@ def _resolve_paths(data: dict, base_dir: Path) -> dict:
 
     if "base_model" in data:
         data["base_model"] = fix(data["base_model"])
+    if data.get("tokenizer_source") not in (None, "base", "union"):
+        data["tokenizer_source"] = fix(data["tokenizer_source"])
     if isinstance(data.get("models"), list):
         data["models"] = [
             {**m, "model": fix(m.get("model"))} if isinstance(m, dict) else fix(m) for m in data["models"]

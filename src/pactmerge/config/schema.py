@@ -70,6 +70,9 @@ class MergeConfig(BaseModel):
     # (pactmerge.io.adapter_writer); rank = the update's numerical rank, at most `adapter_rank`.
     output: Literal["dense", "adapter"] = "dense"
     adapter_rank: int | None = Field(None, ge=1)
+    # The output vocabulary when the inputs' vocabularies differ (pactmerge.io.vocab): "base",
+    # "union", or the path of one of the models. None: differing vocabularies are an error.
+    tokenizer_source: str | None = None
     # A Jinja chat template written into the output's tokenizer_config.json (pactmerge.io.hf_files).
     chat_template: str | None = None
 

@@ -32,6 +32,7 @@ from pydantic import Field
 from torch import Tensor
 
 from pactmerge.errors import PactMergeError
+from pactmerge.filters.pact_scope import pact_bypass, pact_narrow_reason
 from pactmerge.linalg import orth, top_right_singular_vectors
 from pactmerge.lowrank import Delta, LowRankDelta, top_right_lowrank
 from pactmerge.registry import ParamContext, ParamInfo, Params, register_filter
@@ -64,6 +65,11 @@ class PactParams(Params):
         gt=0,
         le=1,
         description="if set, k = max(1, round(k_ratio * min(m, n))) for each parameter instead of a fixed k",
+    )
+    narrow: Literal["bypass", "error"] = Field(
+        "bypass",
+        description="a matrix PACT cannot filter (min(m, n) <= K or < k; filters/pact_scope.py): leave it unfiltered"
+        " (bypass) or refuse the merge (error)",
     )
 
     def ranks(self, shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:
@@ -118,15 +124,15 @@ def pact_subspaces(base: Tensor, deltas: list[Delta], p: PactParams, ctx: ParamC
 
 
 def _check(p: PactParams, info: ParamInfo) -> None:
-    if not info.is_matrix or not info.in_depth(p.depth):
+    if not info.is_matrix or not info.in_depth(p.depth) or p.narrow == "bypass":
         return
-    r = min(info.shape)
-    for key, value in zip(("K", "k"), p.ranks(info.shape)):
-        if value > r:
-            raise PactMergeError(
-                f"parameter {info.name!r} {tuple(info.shape)}: pact.{key}={value} exceeds min(m, n)={r}"
-                f" (lower pact.{key}, give pact.{key}_ratio, or exclude the parameter)"
-            )
+    reason = pact_narrow_reason(p, info.shape)
+    if reason is not None:
+        raise PactMergeError(
+            f"parameter {info.name!r} {tuple(info.shape)}: PACT cannot filter it, {reason} (pact.narrow: error;"
+            " lower pact.K / pact.k, give pact.K_ratio / pact.k_ratio, exclude the parameter,"
+            " or set pact.narrow: bypass)"
+        )
 
 
 def _project_out(d: Tensor | LowRankDelta, P: Tensor) -> Tensor | LowRankDelta:
@@ -141,11 +147,14 @@ def _project_out(d: Tensor | LowRankDelta, P: Tensor) -> Tensor | LowRankDelta:
     params=PactParams,
     check=_check,
     lowrank=True,
+    bypass=pact_bypass,
     paper="PACT: Preserving anchored cores in task-vectors for model merging (arXiv:2606.18627)",
 )
 def pact(base: Tensor, deltas: list[Delta], ctx: ParamContext, p: PactParams) -> list[Delta]:
     """Strip each task vector of its projection onto the other tasks' load-bearing-wall subspaces."""
     if not ctx.info.is_matrix or not ctx.info.in_depth(p.depth) or len(deltas) < 2 or p.ranks(base.shape)[0] == 0:
+        return deltas
+    if pact_narrow_reason(p, base.shape) is not None:  # narrow: bypass (with narrow: error, _check refused it)
         return deltas
     sub = pact_subspaces(base, deltas, p, ctx)
     return [_project_out(d, P) for d, P in zip(deltas, sub.protect)]
