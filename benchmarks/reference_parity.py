@@ -17,25 +17,48 @@ and to disk there. "max rel diff" is max over parameters of
 max|Delta_ours - Delta_ref| / max|Delta_ref|, Delta = merged - base (stricter than comparing weights).
 
 Result (.venv-bench, defaults: 4 tasks, tiny Llama with hidden 128, 2 layers, 21 tensors,
-0.46 M parameters per model, float32, CPU, torch 2.13.0+cpu). The machine had 2 cores and a load
-average of 5-7 from other jobs, so the times are noisy and only their order of magnitude means
-anything; the differences are the point:
+0.46 M parameters per model, float32, CPU, torch 2.13.0+cpu; run under ``flock /work/cpu.lock``
+with OMP_NUM_THREADS=1). Times include only the merge call (for the per-task rows, ours: the
+merge to disk plus materialising every task); on a shared 2-core machine only their order of
+magnitude means anything; the differences are the point:
 
 | method (ours) | reference | max rel diff of merged update | time ours / ref (s) | peak MiB ours / ref | note |
 |---|---|---|---|---|---|
-| task_arithmetic | fusion_bench | 1.3e-06 | 0.70 / 0.27 | 18 / 7 | same algorithm |
-| ties (paper: model scope, mean) | fusion_bench | 1.7e-06 | 8.27 / 1.23 | 26 / 74 | floor_plus_1 = its kthvalue |
-| ties (fusion_bench default: sum) | fusion_bench | 9.5e-07 | 3.09 / 0.90 | 26 / 67 | aggregate sum |
-| tsv_m (literal) | fusion_bench | 5.3e-06 | 30.72 / 13.93 | 27 / 21 | same formula |
-| tsv_m (well-posed default) | fusion_bench | 5.3e-06 | 21.06 / 17.42 | 27 / 21 | = literal: no rank deficiency here |
-| iso_c (literal) | fusion_bench | 7.1e-07 | 15.00 / 4.06 | 25 / 22 | same formula |
-| iso_cts (literal) | fusion_bench | 2.0e-05 | 24.44 / 8.43 | 29 / 25 | same formula |
-| iso_cts (well-posed default) | fusion_bench | 1.4e-01 | 21.57 / 125.30 | 30 / 24 | see (a) |
-| task_arithmetic | mergekit | 0.0e+00 | 2.25 / 1.10 | 27 / 20 | same algorithm |
-| ties (mergekit: tensor scope) | mergekit | 0.0e+00 | 4.16 / 3.47 | 30 / 24 | scope tensor, max(1, floor) count |
-| dare + ties, p = 0 | mergekit | 0.0e+00 | 3.80 / 3.49 | 31 / 24 | no magnitude trim, normalize false = sum |
-| dare + ties, p = 0.5 | mergekit | 1.5e+00 | 3.70 / 1.03 | 31 / 25 | see (b) |
-| dare + task_arithmetic, p = 0.5 | mergekit | 1.4e+00 | 2.31 / 1.02 | 29 / 21 | see (b) |
+| task_arithmetic | fusion_bench | 1.3e-06 | 0.35 / 0.01 | 20 / 7 | same algorithm |
+| ties (paper: model scope, mean) | fusion_bench | 1.7e-06 | 0.42 / 0.11 | 27 / 74 | floor_plus_1 = its kthvalue |
+| ties (fusion_bench default: sum) | fusion_bench | 9.5e-07 | 0.43 / 0.10 | 29 / 60 | aggregate sum |
+| tsv_m (literal) | fusion_bench | 5.7e-06 | 0.47 / 0.19 | 29 / 21 | same formula |
+| tsv_m (well-posed default) | fusion_bench | 1.8e-01 | 0.60 / 0.19 | 29 / 21 | see (h) |
+| iso_c (literal) | fusion_bench | 6.8e-07 | 0.27 / 0.05 | 26 / 23 | same formula |
+| iso_cts (literal) | fusion_bench | 1.8e-05 | 0.54 / 0.22 | 30 / 24 | same formula |
+| iso_cts (well-posed default) | fusion_bench | 1.4e-01 | 0.44 / 0.24 | 31 / 24 | see (a) |
+| slerp, t = 0.3 (2 models) | fusion_bench | 1.3e-06 | 0.24 / 0.01 | 25 / 8 | same formula |
+| model_stock (average: angle) | fusion_bench | 2.7e-03 | 0.27 / 0.03 | 24 / 10 | see (g) |
+| wudi (adam, 300 steps, lr 1e-5) | fusion_bench | 9.0e-06 | 2.45 / 11.98 | 25 / 108 | its wudi_merging; same Adam |
+| tall_masks, per-task models (lambda 0.6) | fusion_bench | 0.0e+00 | 0.33 / 0.05 | 30 / 55 | its TALL utils |
+| tall_masks, per-task models (lambda 0.6) | fusion_bench | 1.2e+00 | 0.28 / 0.04 | 30 / 32 | see (c) |
+| consensus (TA, k 2, lambda 0.6) | fusion_bench | 0.0e+00 | 0.25 / 0.05 | 21 / 54 | see (d) |
+| consensus (TIES: model scope, disjoint sum) | fusion_bench | 0.0e+00 | 0.42 / 0.13 | 27 / 68 | see (d) |
+| tsv_c, per-task models (k = floor(r/T)) | fusion_bench | 0.0e+00 | 0.61 / 0.13 | 39 / 18 | its TSVC_utils, see (e) |
+| task_arithmetic | mergekit | 0.0e+00 | 0.29 / 0.05 | 29 / 20 | same algorithm |
+| weight_average | mergekit | 1.2e-06 | 0.28 / 0.04 | 29 / 15 | linear (normalize: true) |
+| ties (mergekit: tensor scope) | mergekit | 0.0e+00 | 0.30 / 0.20 | 32 / 25 | scope tensor, max(1, floor) count |
+| dare + ties, p = 0 | mergekit | 0.0e+00 | 0.29 / 0.06 | 31 / 24 | no magnitude trim, sum |
+| dare + ties, p = 0.5 | mergekit | 1.7e+00 | 0.32 / 0.09 | 33 / 25 | see (b) |
+| dare + task_arithmetic, p = 0.5 | mergekit | 1.3e+00 | 0.28 / 0.08 | 30 / 21 | see (b) |
+| slerp, t = 0.3 (2 models) | mergekit | 1.3e-06 | 0.26 / 0.04 | 30 / 16 | same formula |
+| slerp, per-tensor t (filters, gradients) | mergekit | 1.4e-06 | 0.28 / 0.04 | 31 / 15 | same t per tensor |
+| model_stock | mergekit | 5.4e-03 | 0.27 / 0.05 | 33 / 21 | see (g) |
+| model_stock (filter_wise) | mergekit | 8.7e-06 | 0.26 / 0.05 | 32 / 22 | one ratio per row |
+| breadcrumbs (density 0.9, gamma 0.01) | mergekit | 0.0e+00 | 0.40 / 0.21 | 31 / 22 | same band |
+| breadcrumbs + elect (breadcrumbs_ties) | mergekit | 0.0e+00 | 0.44 / 0.21 | 33 / 24 | same band, sign election, sum |
+| della, no drop (density 1) | mergekit | 0.0e+00 | 0.28 / 0.06 | 30 / 22 | elect + disjoint mean |
+| della (density 0.7, epsilon 0.2, l1) | mergekit | 1.8e+00 | 0.38 / 0.21 | 34 / 25 | see (b), (f) |
+
+Neither reference has PCB-Merging, STAR, CART or NAN in these versions (fusion_bench 0.2.33 has
+no PCB either); tests/test_methods_survey.py checks them against float64 derivations written from
+the papers. fusion_bench 0.2.33 has only KnOTS's subspace alignment (no merge), so ``knots`` is
+tested the same way.
 
 (a) All tensors agree to 2e-5 except ``lm_head.weight`` (512 x 128). For a tall matrix Iso-CTS
 projects the common subspace out on the left only, so V* = [V_c | V-bar_1..T] is a square
@@ -43,14 +66,43 @@ projects the common subspace out on the left only, so V* = [V_c | V-bar_1..T] is
 float32 rank tolerance max(m, n) * eps = 1.5e-5, and the well-posed polar factor drops that
 direction (which float32 resolves only to a few per cent: round-off / sigma_min ~ 3%). With
 ``rank_rtol`` smaller, or ``dtype: float64``, it is kept.
-(b) DARE draws its masks from a different random stream than mergekit (ours: seeded per
-parameter and task; mergekit: torch's global generator), so single runs are not comparable
-entrywise; both rescale by L1 norm here (``rescale: l1``). The p = 0 row checks the rest of the
-dare_ties pipeline exactly; tests/test_filters_extra.py checks DARE's expectation.
+(b) DARE and DELLA draw their masks from a different random stream than mergekit (ours: seeded
+per parameter and task; mergekit: torch's global generator), so single runs are not comparable
+entrywise; both rescale by L1 norm here (``rescale: l1``). The p = 0 / density 1 rows check the
+rest of each pipeline exactly; tests/test_filters_extra.py checks DARE's expectation and
+tests/test_methods_survey.py DELLA's keep probabilities (per rank) and unbiasedness.
+(c) fusion_bench's ``TallMaskTaskArithmeticAlgorithm`` compares ``|theta_0 - Delta_t|`` (the
+pretrained *weights* minus the task vector) with ``lambda |tau_MTL - Delta_t|``, which selects
+nearly every entry of a layer with large weights; its ``tall_mask.utils.generate_task_masks`` (the
+TALL repository's code) is the paper's rule and agrees with ours exactly (row above). The
+algorithm also needs its modules' tensors as buffers (it rejects mixing nn.Parameters with the
+tensors it computes).
+(d) fusion_bench 0.2.33 has no consensus algorithm (its ``construct_consensus_mask`` reads masks
+from disk); the reference here is the TALL repository's pipeline from fusion_bench's copies of its
+functions: ``generate_task_masks`` with ``tv`` = the merged vector (the sum, or
+``ties_merging(reset_thresh=20, "dis-sum")``), count >= 2. Our TIES row uses ``trim_count:
+floor_plus_1`` (its kthvalue rule); the disjoint sum is our Consensus-TIES default.
+(e) fusion_bench's ``TaskSingularVectorCompression.run`` raises NotImplementedError; its
+``TSVC_utils.compute_svd_and_compress`` (``int(r * sv_reduction)`` triplets, 1-D layers kept per
+task) with ``sv_reduction = 1/T`` is the reference.
+(f) mergekit's della keeps entries with probability ``density - eps' + 2 eps' q`` (``q`` = the
+rank in the row over ``n - 1``); ours ``density + epsilon/2 - epsilon r/n`` (the paper's, rank
+0 = the largest): the same ramp with ``epsilon = 2 eps'`` (the mergekit-config reader doubles it),
+spread over ``n`` instead of ``n - 1`` ranks.
+(g) The task vectors here are nearly orthogonal (per-tensor cosines 1e-5 .. 1e-3), so the Model
+Stock ratio is tiny and set by a cancelling dot product: we accumulate it in float64, the
+references in float32 (whose rounding of the cosine is the whole difference; the ``filter_wise``
+row, with per-row cosines of larger size, agrees to 9e-6). tests/test_methods_survey.py checks
+the ratio on orthogonal (0), identical (1) and 60-degree (2/3) inputs.
+(h) The well-posed TSV-M (``rank_aware: true``, default) drops the directions of the stacked
+singular vectors U^, V^ whose singular value is below sqrt(eps) (3.4e-4 in float32) times the
+largest; here V^ of ``lm_head.weight`` (sigma_min / sigma_max = 6e-5) and of layer 1's
+``gate_proj`` (2.2e-4) have one, which the literal form (= fusion_bench) keeps.
 
 The TIES model scope takes two extra streaming passes (radix selection of the exact k-th
 largest magnitude); fusion_bench instead holds all flattened task vectors at once (its larger
-peak memory).
+peak memory). WUDI's Adam forms the gradient in closed form (no autograd graph), hence its time
+and memory against fusion_bench's ``wudi_merging``.
 """
 
 from __future__ import annotations
@@ -99,7 +151,7 @@ CASES = [
             "alg": "TiesMergingAlgorithm",
             "kw": {"scaling_factor": 0.3, "threshold": 20, "remove_keys": [], "merge_func": "mean"},
         },
-        "trim_count floor_plus_1 reproduces its kthvalue rule",
+        "floor_plus_1 = its kthvalue",
     ),
     (
         "ties (fusion_bench default: sum)",
@@ -127,7 +179,7 @@ CASES = [
         {"method": "tsv_m"},
         "fusion_bench",
         {"alg": "TaskSingularVectorMerging", "kw": {"alpha": 1.0}},
-        "= literal: no rank deficiency here",
+        "see (h)",
     ),
     (
         "iso_c (literal)",
@@ -162,7 +214,7 @@ CASES = [
         {"method": "model_stock", "parameters": {"average": "angle"}},
         "fusion_bench",
         {"alg": "ModelStock", "kw": {}},
-        "its mean of angles; +1e-8 in its denominators",
+        "see (g)",
     ),
     (
         "wudi (adam, 300 steps, lr 1e-5)",
@@ -176,7 +228,7 @@ CASES = [
         {"method": "tall_masks", "_per_task": True},
         "fusion_bench",
         {"fn": "fb_tall_masks", "kw": {"tall_mask_lambda": 0.6}},
-        "its tall_mask.utils (the TALL code)",
+        "its TALL utils",
     ),
     (
         "tall_masks, per-task models (lambda 0.6)",
@@ -190,7 +242,7 @@ CASES = [
         {"method": "consensus"},
         "fusion_bench",
         {"fn": "fb_consensus", "kw": {"use_ties": False, "k": 2, "tall_mask_lambda": 0.6}},
-        "its TALL utils, see (d)",
+        "see (d)",
     ),
     (
         "consensus (TIES: model scope, disjoint sum)",
@@ -200,7 +252,7 @@ CASES = [
         },
         "fusion_bench",
         {"fn": "fb_consensus", "kw": {"use_ties": True, "k": 2, "tall_mask_lambda": 0.6}},
-        "its TALL + TIES utils, see (d)",
+        "see (d)",
     ),
     (
         "tsv_c, per-task models (k = floor(r/T))",
@@ -239,7 +291,7 @@ CASES = [
         },
         "mergekit",
         {"merge_method": "dare_ties", "model_params": {"weight": 1.0, "density": 1.0}},
-        "dare_ties: no magnitude trim, normalize false = sum",
+        "no magnitude trim, sum",
     ),
     (
         "dare + ties, p = 0.5",
@@ -278,7 +330,7 @@ CASES = [
         {"method": "model_stock"},
         "mergekit",
         {"merge_method": "model_stock", "model_params": {}},
-        "mean of cosines",
+        "see (g)",
     ),
     (
         "model_stock (filter_wise)",
