@@ -221,9 +221,11 @@ def test_targets_by_registry_name(files, monkeypatch):
         mk(files, "della", [("m0", {"weight": 1.0, "density": 0.6, "epsilon": 0.1}), ("m1", {"weight": 2.0})])
     )
     assert d["method"] == "della" and d["parameters"]["elect"] is True and d["parameters"]["aggregate"] == "mean"
-    assert d["parameters"]["rescale"] == "l1" and d["models"][0]["parameters"] == {"density": 0.6, "epsilon": 0.1}
+    # mergekit's epsilon is a half-width (ours the full width); density 1 does not prune in mergekit: epsilon 0.
+    assert d["parameters"]["rescale"] == "l1" and d["models"][0]["parameters"] == {"density": 0.6, "epsilon": 0.2}
+    assert d["models"][1]["parameters"] == {"density": 1.0, "epsilon": 0.0}
     s = from_mergekit(mk(files, "slerp", [("base", None), ("m0", None)], parameters={"t": 0.3}))
-    assert s["method"] == "slerp" and s["parameters"] == {"t": 0.3} and len(s["models"]) == 1
+    assert s["method"] == "slerp" and s["parameters"] == {"t": 0.3} and len(s["models"]) == 2
     ms = from_mergekit(mk(files, "model_stock", [("base", None), ("m0", None), ("m1", None)]))
     assert ms["method"] == "model_stock" and len(ms["models"]) == 2
 

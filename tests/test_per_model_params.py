@@ -208,11 +208,12 @@ def test_consensus_ties_per_model_density_and_lambda_match_numpy(rng):
         parameters={"k": 2, "base_method": "ties", "ties": {"scope": "tensor"}},
     )
     deltas = [{k: m[k] - base[k] for k in base} for m in models]
-    ties_ref = np_ties(deltas, [1.0] * 3, densities, "tensor")
+    # Wang et al.: Consensus-TIES merges by the disjoint sum and builds the TALL masks from that vector.
+    ties_ref = np_ties(deltas, [1.0] * 3, densities, "tensor", aggregate="sum")
     for k in base:
-        mtl = sum(d[k] for d in deltas)
+        mtl = ties_ref[k]
         votes = sum((np.abs(d[k]) >= lam * np.abs(mtl - d[k])).astype(int) for d, lam in zip(deltas, lambdas))
-        np.testing.assert_allclose(out[k] - base[k], np.where(votes >= 2, ties_ref[k], 0.0), atol=1e-12)
+        np.testing.assert_allclose(out[k] - base[k], np.where(votes >= 2, mtl, 0.0), atol=1e-12)
 
 
 def test_knots_ties_per_model_density_matches_numpy(rng):
@@ -229,9 +230,10 @@ def test_knots_ties_per_model_density_matches_numpy(rng):
     u, s, vh = np.linalg.svd(np.concatenate(deltas, axis=1), full_matrices=False)
     r = int((s > max(9, 18) * np.finfo(float).eps * s[0]).sum())
     u, s, vh = u[:, :r], s[:r], vh[:r]
-    vs = [{"v": vh[:, t * 6 : (t + 1) * 6]} for t in range(3)]
-    merged_v = np_ties(vs, [1.0] * 3, densities, "tensor")["v"]
-    np.testing.assert_allclose(out["p0.w"] - base["p0.w"], (u * s) @ merged_v, atol=1e-10)
+    # KnOTS trims the singular-value-scaled coordinates S V_t (one parameter here: model scope = tensor).
+    cs = [{"c": s[:, None] * vh[:, t * 6 : (t + 1) * 6]} for t in range(3)]
+    merged_c = np_ties(cs, [1.0] * 3, densities, "tensor")["c"]
+    np.testing.assert_allclose(out["p0.w"] - base["p0.w"], u @ merged_c, atol=1e-10)
 
 
 def test_dare_per_model_drop_rate():

@@ -36,6 +36,10 @@ method honours the models' ``weight``; for any other method a weight other than 
 ``lowrank=True`` declares that ``fn`` (and ``prepare``) accept task vectors given as
 :class:`pactmerge.lowrank.LowRankDelta` (LoRA adapters) mixed with dense tensors, and may return
 them; for every other method/filter the engine densifies them first, one parameter at a time.
+
+``task_specific=True`` declares a method that returns a :class:`pactmerge.modulators.TaskSpecific`
+(the shared merged task vector plus one modulator per task: a mask, a scale and/or a replacement)
+instead of a tensor, for parameters where it recovers each task's own update (TALL masks, TSV-C).
 """
 
 from __future__ import annotations
@@ -74,6 +78,9 @@ class ParamInfo:
     # Stored (in, out) (GPT-2's Conv1D; pactmerge.io.architectures): filters and methods get the
     # (out, in) view and `shape` is still the stored shape (min(shape) and the ranks are unaffected).
     transposed: bool = False
+    num_models: int = 0  # how many task vectors the method will receive (0: not known, e.g. a hand-made info)
+    layer_rank: int | None = None  # 0-based rank of `layer` among the model's distinct layer indices
+    num_layers: int = 0  # how many distinct layer indices the model has
 
     @property
     def is_matrix(self) -> bool:
@@ -131,6 +138,7 @@ class Spec:
     uses_weight: bool = False  # methods: honours the models' `weight` (otherwise a weight != 1 is refused)
     paper: str = ""  # the paper, "Title (arXiv:NNNN.NNNNN)", for the model card
     bypass: BypassFn | None = None  # reported by --dry-run; the filter itself must follow the same rule
+    task_specific: bool = False  # methods only: may return a pactmerge.modulators.TaskSpecific (per-task outputs)
 
     def model_params_for(self, params: Any) -> type[BaseModel] | None:
         """The per-model options model for this stage configured with ``params``."""
@@ -166,6 +174,7 @@ def register_method(
     model_params: ModelParamsSpec = None,
     uses_weight: bool = False,
     paper: str = "",
+    task_specific: bool = False,
 ):
     return _register(
         METHODS,
@@ -178,6 +187,7 @@ def register_method(
         model_params=model_params,
         uses_weight=uses_weight,
         paper=paper,
+        task_specific=task_specific,
     )
 
 

@@ -23,8 +23,9 @@ Mapping rules that hold for every method:
 * A per-model option (``density``, ``gamma``, ``epsilon``) equal for every model becomes the
   method's shared option; values that differ are passed per model, and a target method that has no
   such per-model option refuses them (naming ``models[i].parameters.key``).
-* Lists (gradients over layers), ``filter:``/``value:`` conditions, ``slices``, ``modules``,
-  ``passthrough`` and the methods without an equivalent are refused with the key that names them;
+* Lists (gradients over layers) and ``filter:``/``value:`` conditions (except slerp's ``t``),
+  ``slices``, ``modules``, ``passthrough`` and the methods without an equivalent are refused with
+  the key that names them;
   so is any option whose mergekit meaning we do not reproduce (e.g. ``rescale: true`` for
   ``ties``), rather than approximated.
 
@@ -363,7 +364,9 @@ def _task_arithmetic_family(name: str, data: Mapping, models: list[_Model], base
     else:  # della*
         method = "della"
         _uniform_or_per_model(densities, "density", shared, entries)
-        epsilons = [params.for_model(m, "epsilon") for m in inputs]
+        # mergekit's epsilon is the half-width of the keep probabilities (density -/+ epsilon), ours the
+        # full width; with density 1 mergekit does not prune at all, whatever epsilon says.
+        epsilons = [2 * params.for_model(m, "epsilon") if d < 1.0 else 0.0 for m, d in zip(inputs, densities)]
         _uniform_or_per_model(epsilons, "epsilon", shared, entries)
         shared.update(rescale="l1" if rescale else "none", elect=fam.consensus)
         shared["aggregate"] = "mean" if (fam.consensus and normalize) else "sum"
@@ -418,8 +421,16 @@ def _slerp(data: Mapping, models: list[_Model], base: str | None) -> dict[str, A
         raise _fail("models", f"mergekit's slerp merges the base_model with exactly one other model, got {len(others)}")
     if "t" not in params.top:
         raise _fail("parameters.t", "mergekit's slerp needs t (0: the base model, 1: the other model)")
-    t = _scalar(params.top["t"], "parameters.t", float)
-    return {"base_model": base, "method": "slerp", "parameters": {"t": t}, "models": [_lora_over_base(others[0], base)]}
+    t = params.top["t"]
+    # Gradients (lists) and filter/value conditions are pactmerge's slerp syntax too (validated there).
+    t = [t] if isinstance(t, Mapping) else t if isinstance(t, list) else _scalar(t, "parameters.t", float)
+    # pactmerge's slerp interpolates its two models; the base_model is the first (its task vector is zero).
+    return {
+        "base_model": base,
+        "method": "slerp",
+        "parameters": {"t": t},
+        "models": [base, _lora_over_base(others[0], base)],
+    }
 
 
 def _model_stock(data: Mapping, models: list[_Model], base: str | None) -> dict[str, Any]:

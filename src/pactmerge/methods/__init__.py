@@ -1,3 +1,21 @@
 """Merging methods. Each module registers its methods on import."""
 
-from pactmerge.methods import consensus, isotropic, knots, task_arithmetic, ties, tsv, weight_average  # noqa: F401
+from pactmerge.methods import (  # noqa: F401
+    breadcrumbs,
+    cart,
+    consensus,
+    della,
+    isotropic,
+    knots,
+    model_stock,
+    pcb,
+    slerp,
+    star,
+    tall_masks,
+    task_arithmetic,
+    ties,
+    tsv,
+    tsv_c,
+    weight_average,
+    wudi,
+)
