@@ -7,13 +7,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from pactmerge import __version__
 from pactmerge.config import MergeConfig, config_to_yaml, load_config
 from pactmerge.engine import iter_merged_params, open_inputs, output_layout, resolve_device
+from pactmerge.io.output_guard import atomic_output_dir, prepare_target
 from pactmerge.io.sources import Source
-from pactmerge.io.writer import ShardedWriter, atomic_output_dir, copy_non_weight_files, parse_size
+from pactmerge.io.writer import ShardedWriter, copy_non_weight_files, parse_size
 
 
 def merge(
@@ -22,6 +24,7 @@ def merge(
     *,
     device: str = "cpu",
     overwrite: bool = False,
+    force: bool = False,
     progress: bool = False,
     **overrides: Any,
 ) -> dict[str, Tensor] | Path:
@@ -34,7 +37,10 @@ def merge(
             otherwise return the merged state dict. With ``output: adapter`` in the config the
             folder is a PEFT LoRA adapter instead (docs/lora.md); the in-memory result stays dense.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
-        overwrite: replace an existing ``output_dir``.
+        overwrite: replace an existing ``output_dir`` that is an earlier pactmerge output (it carries
+            the ``.pactmerge-output`` marker) or an empty folder.
+        force: replace an existing ``output_dir`` whatever it is. The output may never be, contain
+            or lie inside an input (see :mod:`pactmerge.io.output_guard`).
         **overrides: config keys given directly, e.g. ``merge(base_model=sd0, models=[sd1, sd2],
             method="iso_c", pact={"K": 15, "k": 8})``.
 
@@ -48,32 +54,45 @@ def merge(
         if overrides:
             cfg = load_config({**cfg.model_dump(), **overrides})
     dev = resolve_device(device)
+    # The output may not touch an input, nor replace a folder pactmerge did not write: checked before any work.
+    refs = [config, cfg.base_model, *(m.model for m in cfg.models)]
+    guard: dict[str, Any] = {
+        "overwrite": overwrite,
+        "force": force,
+        "inputs": [r for r in refs if isinstance(r, str | os.PathLike)],
+    }
+    if output_dir is not None:
+        prepare_target(output_dir, **guard)
     inputs = open_inputs(cfg)
     try:
         if output_dir is None:
             return dict(iter_merged_params(inputs, dev, progress))
         if cfg.output == "adapter":
-            return _write_adapter(inputs, Path(output_dir), dev, overwrite, progress)
-        return _write(inputs, Path(output_dir), dev, overwrite, progress)
+            return _write_adapter(inputs, Path(output_dir), dev, guard, progress)
+        return _write(inputs, Path(output_dir), dev, guard, progress)
     finally:
         inputs.close()
 
 
-def _write(inputs, output_dir: Path, device, overwrite: bool, progress: bool) -> Path:
+def _write(inputs, output_dir: Path, device, guard: dict, progress: bool) -> Path:
     cfg = inputs.cfg
     start = time.perf_counter()
-    with atomic_output_dir(output_dir, overwrite) as tmp:
+    with atomic_output_dir(output_dir, **guard) as tmp:
         writer = ShardedWriter(tmp, output_layout(inputs), parse_size(cfg.max_shard_size))
-        for name, tensor in iter_merged_params(inputs, device, progress):
-            writer.add(name, tensor)
-        files = writer.close()
+        try:
+            for name, tensor in iter_merged_params(inputs, device, progress):
+                writer.add(name, tensor)
+            files = writer.close()
+        except BaseException:
+            writer.abort()  # no file handle outlives a failed run
+            raise
         copied = copy_non_weight_files(inputs.base.folder, tmp) if inputs.base.folder else []
         (tmp / "pactmerge_config.yaml").write_text(config_to_yaml(cfg))
         (tmp / "README.md").write_text(_merge_card(cfg, inputs, files, copied, time.perf_counter() - start))
     return output_dir
 
 
-def _write_adapter(inputs, output_dir: Path, device, overwrite: bool, progress: bool) -> Path:
+def _write_adapter(inputs, output_dir: Path, device, guard: dict, progress: bool) -> Path:
     """``output: adapter``: the merged update ``alpha * merged`` as a PEFT LoRA adapter folder."""
     from pactmerge.config import DTYPES
     from pactmerge.engine import iter_merged_deltas
@@ -89,9 +108,9 @@ def _write_adapter(inputs, output_dir: Path, device, overwrite: bool, progress: 
     out_dtype = DTYPES[cfg.out_dtype] if cfg.out_dtype else None
     base_name = str(cfg.base_model) if isinstance(cfg.base_model, (str, os.PathLike)) else None
     start = time.perf_counter()
-    with atomic_output_dir(output_dir, overwrite) as tmp:
+    with atomic_output_dir(output_dir, **guard) as tmp:
         updates = (
-            (info, scale_delta(merged, cfg.alpha))
+            (info, _finite_update(info.name, scale_delta(merged, cfg.alpha), cfg.allow_nonfinite))
             for info, _, merged in iter_merged_deltas(inputs, device, progress, lowrank=True)
             if merged is not None
         )
@@ -107,6 +126,16 @@ def _write_adapter(inputs, output_dir: Path, device, overwrite: bool, progress: 
         card = _merge_card(cfg, inputs, ["adapter_model.safetensors"], [], time.perf_counter() - start)
         (tmp / "README.md").write_text(card + _adapter_section(report, cfg.adapter_rank))
     return output_dir
+
+
+def _finite_update(name: str, update, allow_nonfinite: bool):
+    """``alpha * merged`` for an adapter, refused if it holds NaN/Inf (unless allowed)."""
+    from pactmerge.finite import check_output_finite
+    from pactmerge.lowrank import tensors_of
+
+    for t in tensors_of(update) if not allow_nonfinite else ():
+        check_output_finite(name, t)
+    return update
 
 
 def _adapter_section(report, max_rank) -> str:
@@ -148,7 +177,8 @@ def _merge_card(cfg: MergeConfig, inputs, files: list[str], copied: list[str], s
         *[f"- model {i}: `{label(s)}` (weight {m.weight})" for i, (s, m) in enumerate(zip(inputs.models, cfg.models))],
         f"- {len(inputs.plan.params)} parameters in {len(files)} file(s); copied from the base folder:"
         f" {', '.join(copied) or 'none'}",
-        f"- merge time: {seconds:.1f} s",
+        f"- merge time: {seconds:.1f} s; torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s)"
+        " (bit-identical reruns need the same device, thread count and versions: README, Determinism)",
         "",
         "## Configuration",
         "",
@@ -172,8 +202,9 @@ def dry_run(config: MergeConfig | dict | str | os.PathLike, progress: bool = Fal
     inputs = open_inputs(cfg)
     try:
         for info in tqdm(inputs.plan.params, desc="checking", unit="param", disable=not progress, file=sys.stderr):
-            for src in [inputs.base, *inputs.models]:
-                check_finite(src.get(info.name), src.file_of(info.name), info.name)
+            for src in [inputs.base, *inputs.models] if not cfg.allow_nonfinite else ():
+                if info.name in src:  # an extra parameter (extra_parameters: copy) is in one model only
+                    check_finite(src.get(info.name), src.file_of(info.name), info.name)
         depth = [(stage.name, stage.depth) for stage in cfg.pipeline.filters]
         return inputs.plan.describe(depth)
     finally:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from pactmerge.config import MergeConfig
 from pactmerge.errors import PactMergeError
+from pactmerge.finite import check_input_finite
 from pactmerge.io.sources import Source
 from pactmerge.registry import ParamContext, ParamInfo
 
@@ -35,7 +36,8 @@ def layer_index(name: str) -> int | None:
 class Plan:
     params: list[ParamInfo]
     num_layers: int
-    ignored_extra: dict[str, list[str]]  # model label -> names it has that the base lacks
+    ignored_extra: dict[str, list[str]]  # model label -> names it has that the base lacks (extra_parameters: drop)
+    copied_from: dict[str, int] = field(default_factory=dict)  # extra name -> model index (extra_parameters: copy)
 
     def describe(self, filters_with_depth: list[tuple[str, float]]) -> str:
         """A human-readable table: parameter, shape, kind, layer, which filters apply."""
@@ -46,7 +48,12 @@ class Plan:
             filt = ",".join(applied) if applied else "-"
             lines.append(f"  {p.name:<60} {str(list(p.shape)):<16} {p.kind:<6} layer={layer:<4} filters={filt}")
         for label, names in self.ignored_extra.items():
-            lines.append(f"  note: {label} has {len(names)} parameter(s) the base lacks, ignored (e.g. {names[0]!r})")
+            lines.append(
+                f"  note: {label} has {len(names)} parameter(s) the base lacks, dropped (extra_parameters: drop;"
+                f" e.g. {names[0]!r})"
+            )
+        for name, i in self.copied_from.items():
+            lines.append(f"  note: {name!r} is not in the base: copied from models[{i}] (extra_parameters: copy)")
         return "\n".join(lines)
 
 
@@ -72,11 +79,7 @@ def build_plan(cfg: MergeConfig, base: Source, models: list[Source]) -> Plan:
                     f"{src.label}: parameter {name!r} has dtype {src.dtype(name)}, the base model has"
                     f" {base.dtype(name)}"
                 )
-    ignored = {}
-    for src in models:
-        extra = [n for n in src.names() if n not in base]
-        if extra:
-            ignored[src.label] = extra
+    copied_from, ignored = extra_parameters(cfg.extra_parameters, base, models)
 
     indices = [layer_index(n) for n in names]
     distinct = sorted({i for i in indices if i is not None})
@@ -98,7 +101,45 @@ def build_plan(cfg: MergeConfig, base: Source, models: list[Source]) -> Plan:
         else:
             frac = 1.0
         params.append(ParamInfo(name, tuple(shape), dtype, kind, idx, frac))
-    return Plan(params, len(distinct), ignored)
+    for name, i in copied_from.items():  # after the base's parameters, copied as they are
+        params.append(ParamInfo(name, tuple(models[i].shape(name)), models[i].dtype(name), "copy", None, 1.0))
+    return Plan(params, len(distinct), ignored, copied_from)
+
+
+def extra_parameters(mode: str, base: Source, models: list[Source]) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """Parameters some model has and the base lacks, handled as ``extra_parameters`` says.
+
+    ``error`` (the default): a :class:`PactMergeError` naming them (a merge would silently drop
+    them: a fine-tune's new head, a renamed layer). ``copy``: each is written to the output as
+    the one model holding it has it; held by several models, it is an error (which one?).
+    ``drop``: left out, as the dry run notes.
+
+    Returns:
+        ``({name: model index}`` to copy, ``{model label: names}`` dropped).
+    """
+    extra = {i: [n for n in src.names() if n not in base] for i, src in enumerate(models)}
+    extra = {i: names for i, names in extra.items() if names}
+    if mode == "drop" or not extra:
+        return {}, {models[i].label: names for i, names in extra.items()}
+    if mode == "error":
+        i, names = next(iter(extra.items()))
+        shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise PactMergeError(
+            f"{models[i].label}: {len(names)} parameter(s) not in the base model {base.label}: {shown}; set"
+            " extra_parameters: copy to copy them from this model into the output, or extra_parameters: drop"
+            " to leave them out"
+        )
+    owner: dict[str, int] = {}
+    for i, names in extra.items():
+        for name in names:
+            if name in owner:
+                raise PactMergeError(
+                    f"{models[i].label}: parameter {name!r} is not in the base model, and {models[owner[name]].label}"
+                    " has it too: extra_parameters: copy takes each extra parameter from the one model that has it"
+                    " (remove it from all but one model, or set extra_parameters: drop)"
+                )
+            owner[name] = i
+    return owner, {}
 
 
 def param_seed(seed: int, name: str) -> int:
@@ -117,6 +158,5 @@ def make_context(cfg: MergeConfig, info: ParamInfo, stats: dict | None = None) -
 
 
 def check_finite(t: torch.Tensor, label: str, name: str) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
-        raise PactMergeError(f"{label}: parameter {name!r} contains {bad}")
+    """Refuse an input tensor holding NaN/Inf (one reduction; see :mod:`pactmerge.finite`)."""
+    check_input_finite(t, label, name)
