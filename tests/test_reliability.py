@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from typer.testing import CliRunner
 from pactmerge.cli import app
 from pactmerge.io import output_guard, writer
 from pactmerge.io.output_guard import MARKER, host_tag
+from pactmerge.signals import Interrupted, exit_on_signals
 from pactmerge.synthetic import make_checkpoints
 
 runner = CliRunner()
@@ -741,6 +743,32 @@ def case_tmp_of_live_process_is_kept(w):
     return Expect(merge_args(w), code=0, output=w.out)
 
 
+def _signal_while_merging(w: World, sig: signal.Signals) -> None:
+    import pactmerge.engine
+
+    merge_parameter = pactmerge.engine.merge_parameter
+
+    def interrupted(*a, **k):
+        signal.raise_signal(sig)  # as if the user pressed Ctrl-C / `kill` ran mid-merge
+        return merge_parameter(*a, **k)
+
+    w.mp.setattr(pactmerge.engine, "merge_parameter", interrupted)
+
+
+@case
+def case_sigint_mid_merge(w):
+    w.write_config()
+    _signal_while_merging(w, signal.SIGINT)
+    return Expect(merge_args(w), code=130, names=["interrupted by SIGINT", "nothing was written"])
+
+
+@case
+def case_sigterm_mid_merge_with_new_parents(w):
+    w.write_config()
+    _signal_while_merging(w, signal.SIGTERM)
+    return Expect(merge_args(w, w.root / "new" / "out"), code=143, names=["interrupted by SIGTERM"])
+
+
 @case
 def case_internal_error_is_one_line(w):
     import pactmerge.engine
@@ -846,3 +874,20 @@ def test_real_full_disk_on_a_tiny_tmpfs(tmp_path):
         assert list(mnt.iterdir()) == []  # no output, no temporary folder
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_signal_during_the_final_rename_waits_for_it(tmp_path, monkeypatch):
+    """A SIGTERM arriving during the rename is held: the output is published whole, then the run stops."""
+    commit = output_guard._commit
+
+    def commit_while_signalled(*a):
+        signal.raise_signal(signal.SIGTERM)
+        return commit(*a)
+
+    monkeypatch.setattr(output_guard, "_commit", commit_while_signalled)
+    out = tmp_path / "out"
+    with pytest.raises(Interrupted) as caught, exit_on_signals(), output_guard.atomic_output_dir(out) as tmp:
+        (tmp / "weights").write_text("all of them")
+    assert caught.value.output_complete == out and caught.value.exit_code == 143
+    assert (out / "weights").read_text() == "all of them" and (out / MARKER).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
