@@ -891,3 +891,20 @@ def test_a_signal_during_the_final_rename_waits_for_it(tmp_path, monkeypatch):
     assert caught.value.output_complete == out and caught.value.exit_code == 143
     assert (out / "weights").read_text() == "all of them" and (out / MARKER).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_numpy_scalars_are_numbers_of_their_kind():
+    """From the Python API a NumPy scalar is the number it holds; a NumPy bool is still not a number."""
+    import numpy as np
+
+    from pactmerge.config import load_config
+    from pactmerge.errors import PactMergeError
+
+    base = {"base_model": "b", "models": ["m"]}
+    cfg = load_config({**base, "alpha": np.float32(0.5), "pact": {"K": np.int64(4), "k": np.int32(2)}})
+    assert cfg.alpha == 0.5 and (cfg.pipeline.method.name, cfg.pipeline.first("pact").params.K) == (
+        "task_arithmetic",
+        4,
+    )
+    with pytest.raises(PactMergeError, match=r"'pact.k' \(pact\): Input should be a valid integer, got False"):
+        load_config({**base, "pact": {"K": 4, "k": np.False_}})

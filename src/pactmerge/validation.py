@@ -9,6 +9,7 @@ method/filter ``Params`` model and every per-model options model:
 * strict types: a bool is not a number, a string is not a number, a float is not an int (an int
   is still a valid float);
 * floats must be finite (no NaN, no +-Inf);
+* NumPy scalars count as the Python scalars they hold (``np.int64(8)`` is an int, ``np.True_`` a bool);
 * unknown keys are errors.
 
 Bounds (``ge``/``le``) stay on the fields themselves.
@@ -17,9 +18,11 @@ Bounds (``ge``/``le``) stay on the fields themselves.
 from __future__ import annotations
 
 import re
+from typing import Any
 
+import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from pactmerge.errors import PactMergeError
 
@@ -28,6 +31,15 @@ class StrictModel(BaseModel):
     """Base for every validated options model: strict types, finite floats, no unknown keys."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_scalars(cls, data: Any) -> Any:
+        # NumPy scalars from the Python API (a K from np.arange, an alpha from np.linspace) are
+        # numbers of their kind: np.bool_ stays a bool and is refused where a number is expected.
+        if isinstance(data, dict):
+            return {k: v.item() if isinstance(v, np.generic) else v for k, v in data.items()}
+        return data
 
 
 def check_fits_dtype(value: float, dtype: torch.dtype, key: str, hint: str) -> None:
