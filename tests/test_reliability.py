@@ -736,6 +736,15 @@ def case_stale_tmp_of_dead_process_is_removed(w):
 
 
 @case
+def case_tmp_of_another_host_is_kept(w):
+    # Its process id means nothing here (a shared filesystem): only that host may decide.
+    other = w.root / f".out.tmp-{host_tag()}x-{_dead_pid()}-0badf00d"
+    other.mkdir()
+    w.write_config()
+    return Expect(merge_args(w), code=0, output=w.out)
+
+
+@case
 def case_tmp_of_live_process_is_kept(w):
     live = w.root / f".out.tmp-{host_tag()}-{os.getppid()}-0badcafe"
     live.mkdir()
