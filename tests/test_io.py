@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from pactmerge.errors import PactMergeError
 from pactmerge.io import ShardedWriter, atomic_output_dir, open_source
+from pactmerge.io.output_guard import MARKER
 from pactmerge.synthetic import base_state, write_hf_folder
 
 
@@ -117,7 +118,13 @@ def test_atomic_output_dir_overwrite(tmp_path):
     (target / "old").write_text("old")
     with pytest.raises(PactMergeError, match="already exists"), atomic_output_dir(target):
         pass
-    with atomic_output_dir(target, overwrite=True) as tmp:
+    # --overwrite replaces only an earlier pactmerge output (marker); --force anything.
+    with pytest.raises(PactMergeError, match="not a pactmerge output"), atomic_output_dir(target, overwrite=True):
+        pass
+    with atomic_output_dir(target, force=True) as tmp:
         (tmp / "new").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert [p.name for p in target.iterdir()] == ["new"]
+    assert sorted(p.name for p in target.iterdir()) == [MARKER, "new"]
+    with atomic_output_dir(target, overwrite=True) as tmp:
+        (tmp / "newer").write_text("newer")
+    assert sorted(p.name for p in target.iterdir()) == [MARKER, "newer"]

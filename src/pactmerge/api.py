@@ -13,7 +13,8 @@ from pactmerge.config import MergeConfig, config_to_yaml, load_config
 from pactmerge.engine import iter_merged_params, open_inputs, output_layout, resolve_device
 from pactmerge.io import card
 from pactmerge.io.hf_files import check_chat_template, output_dtype, set_chat_template, set_config_dtype
-from pactmerge.io.writer import ShardedWriter, atomic_output_dir, copy_non_weight_files, parse_size
+from pactmerge.io.output_guard import atomic_output_dir, prepare_target
+from pactmerge.io.writer import ShardedWriter, copy_non_weight_files, parse_size
 from pactmerge.modulators import ModulatorWriter
 
 
@@ -23,6 +24,7 @@ def merge(
     *,
     device: str = "cpu",
     overwrite: bool = False,
+    force: bool = False,
     progress: bool = False,
     **overrides: Any,
 ) -> dict[str, Tensor] | Path:
@@ -38,7 +40,10 @@ def merge(
             ``task_modulators/`` there (:func:`pactmerge.materialize` rebuilds task t's model);
             in memory only the merged model is returned.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
-        overwrite: replace an existing ``output_dir``.
+        overwrite: replace an existing ``output_dir`` that is an earlier pactmerge output (it carries
+            the ``.pactmerge-output`` marker) or an empty folder.
+        force: replace an existing ``output_dir`` whatever it is. The output may never be, contain
+            or lie inside an input (see :mod:`pactmerge.io.output_guard`).
         **overrides: config keys given directly, e.g. ``merge(base_model=sd0, models=[sd1, sd2],
             method="iso_c", pact={"K": 15, "k": 8})``.
 
@@ -52,14 +57,23 @@ def merge(
         if overrides:
             cfg = load_config({**cfg.model_dump(), **overrides})
     dev = resolve_device(device)
+    # The output may not touch an input, nor replace a folder pactmerge did not write: checked before any work.
+    refs = [config, cfg.base_model, *(m.model for m in cfg.models)]
+    guard: dict[str, Any] = {
+        "overwrite": overwrite,
+        "force": force,
+        "inputs": [r for r in refs if isinstance(r, str | os.PathLike)],
+    }
+    if output_dir is not None:
+        prepare_target(output_dir, **guard)
     inputs = open_inputs(cfg)
     try:
         check_output(inputs)
         if output_dir is None:
             return dict(iter_merged_params(inputs, dev, progress))
         if cfg.output == "adapter":
-            return _write_adapter(inputs, Path(output_dir), dev, overwrite, progress)
-        return _write(inputs, Path(output_dir), dev, overwrite, progress)
+            return _write_adapter(inputs, Path(output_dir), dev, guard, progress)
+        return _write(inputs, Path(output_dir), dev, guard, progress)
     finally:
         inputs.close()
 
@@ -88,11 +102,11 @@ def _card(inputs, output_dir: Path, files: list[str], copied: list[str], seconds
     )
 
 
-def _write(inputs, output_dir: Path, device, overwrite: bool, progress: bool) -> Path:
+def _write(inputs, output_dir: Path, device, guard: dict, progress: bool) -> Path:
     cfg = inputs.cfg
     start = time.perf_counter()
     layout = output_layout(inputs)
-    with atomic_output_dir(output_dir, overwrite) as tmp:
+    with atomic_output_dir(output_dir, **guard) as tmp:
         writer = ShardedWriter(tmp, layout, parse_size(cfg.max_shard_size))
         modulators = None
         if cfg.pipeline.method.spec.task_specific:
@@ -105,9 +119,13 @@ def _write(inputs, output_dir: Path, device, overwrite: bool, progress: bool) ->
                 base_model=_path_or_none(cfg.base_model),
             )
         sink = (lambda info, mods: modulators.add(info.name, info.shape, mods)) if modulators else None
-        for name, tensor in iter_merged_params(inputs, device, progress, on_modulators=sink):
-            writer.add(name, tensor)
-        files = writer.close()
+        try:
+            for name, tensor in iter_merged_params(inputs, device, progress, on_modulators=sink):
+                writer.add(name, tensor)
+            files = writer.close()
+        except BaseException:
+            writer.abort()  # no file handle outlives a failed run
+            raise
         if modulators is not None:
             modulators.close()
         copied = copy_non_weight_files(inputs.base.folder, tmp) if inputs.base.folder else []
@@ -144,7 +162,7 @@ def _modulators_section(output_dir: Path, num_tasks: int) -> str:
     )
 
 
-def _write_adapter(inputs, output_dir: Path, device, overwrite: bool, progress: bool) -> Path:
+def _write_adapter(inputs, output_dir: Path, device, guard: dict, progress: bool) -> Path:
     """``output: adapter``: the merged update ``alpha * merged`` as a PEFT LoRA adapter folder."""
     from pactmerge.config import DTYPES
     from pactmerge.engine import iter_merged_deltas
@@ -164,9 +182,9 @@ def _write_adapter(inputs, output_dir: Path, device, overwrite: bool, progress: 
     out_dtype = DTYPES[cfg.out_dtype] if cfg.out_dtype else None
     base_name = str(cfg.base_model) if isinstance(cfg.base_model, (str, os.PathLike)) else None
     start = time.perf_counter()
-    with atomic_output_dir(output_dir, overwrite) as tmp:
+    with atomic_output_dir(output_dir, **guard) as tmp:
         updates = (
-            (info, scale_delta(merged, cfg.alpha))
+            (info, _finite_update(info.name, scale_delta(merged, cfg.alpha), cfg.allow_nonfinite))
             for info, _, merged in iter_merged_deltas(inputs, device, progress, lowrank=True)
             if merged is not None
         )
@@ -184,6 +202,16 @@ def _write_adapter(inputs, output_dir: Path, device, overwrite: bool, progress: 
     return output_dir
 
 
+def _finite_update(name: str, update, allow_nonfinite: bool):
+    """``alpha * merged`` for an adapter, refused if it holds NaN/Inf (unless allowed)."""
+    from pactmerge.finite import check_output_finite
+    from pactmerge.lowrank import tensors_of
+
+    for t in tensors_of(update) if not allow_nonfinite else ():
+        check_output_finite(name, t)
+    return update
+
+
 def dry_run(config: MergeConfig | dict | str | os.PathLike, progress: bool = False) -> str:
     """Validate every input fully (keys, shapes, dtypes, and every tensor finite) and return the plan."""
     import sys
@@ -197,8 +225,10 @@ def dry_run(config: MergeConfig | dict | str | os.PathLike, progress: bool = Fal
     try:
         check_output(inputs)
         for info in tqdm(inputs.plan.params, desc="checking", unit="param", disable=not progress, file=sys.stderr):
-            for src in [inputs.base, *inputs.models]:
-                if info.name in src:  # a model may lack an optional buffer (plan.from_base)
+            for src in [inputs.base, *inputs.models] if not cfg.allow_nonfinite else ():
+                # A model may lack an optional buffer (plan.from_base) or an extra parameter
+                # (extra_parameters: copy) that only one model has.
+                if info.name in src:
                     check_finite(src.get(info.name), src.file_of(info.name), info.name)
         plan = inputs.plan.describe(cfg.pipeline.filters)
         return plan if inputs.vocab is None else f"{plan}\n{inputs.vocab.describe()}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -27,6 +29,37 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+@contextlib.contextmanager
+def _one_line_errors(output: Path | None = None):
+    """Every failure as one ``error:`` line: bad input and filesystem errors exit 2, a SIGINT/SIGTERM
+    128 + its number (after the cleanup), an unexpected exception 1 (PACTMERGE_DEBUG=1 re-raises it)."""
+    from pactmerge.signals import Interrupted, exit_on_signals
+
+    try:
+        with exit_on_signals():
+            yield
+    except PactMergeError as e:
+        _fail(e)
+    except Interrupted as e:
+        done = f"; {e.output_complete} was already complete" if e.output_complete else "; nothing was written"
+        typer.echo(f"error: interrupted by {e}{done if output is not None else ''}", err=True)
+        raise typer.Exit(code=e.exit_code) from None
+    except OSError as e:
+        where = e.filename if e.filename else (output or "pactmerge")
+        typer.echo(f"error: {where}: {e.strerror or e}", err=True)
+        raise typer.Exit(code=2) from None
+    except Exception as e:
+        if os.environ.get("PACTMERGE_DEBUG"):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        typer.echo(
+            f"error: internal error ({type(e).__name__}: {first}); this is a pactmerge bug, please report it"
+            " (PACTMERGE_DEBUG=1 shows the traceback)",
+            err=True,
+        )
+        raise typer.Exit(code=1) from None
+
+
 def _print_version(value: bool) -> None:
     # An eager option's callback runs while the options are parsed, before click asks for a command.
     if value:
@@ -49,7 +82,15 @@ def merge(
     output_dir: Path = typer.Argument(..., help="Folder to write the merged model to (HF layout)."),
     device: Device = typer.Option(Device.cpu, help="Where to compute."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate every input and print the plan; write nothing."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT_DIR if it exists."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace OUTPUT_DIR if it is an earlier pactmerge output (or an empty folder)."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace OUTPUT_DIR whatever it holds (never an input). Implies --overwrite."
+    ),
+    allow_nonfinite: bool = typer.Option(
+        False, "--allow-nonfinite", help="Write NaN/Inf values instead of failing (config: allow_nonfinite: true)."
+    ),
     progress: bool = typer.Option(sys.stderr.isatty(), "--progress/--no-progress", help="Show a progress bar."),
     push_to_hub: str = typer.Option(
         None, "--push-to-hub", metavar="REPO", help="Then upload OUTPUT_DIR to this Hugging Face Hub repo (owner/name)."
@@ -59,21 +100,24 @@ def merge(
     """Merge the models of CONFIG into OUTPUT_DIR (CONFIG: pactmerge's keys, or a mergekit config)."""
     from pactmerge.api import dry_run as do_dry_run
     from pactmerge.api import merge as do_merge
+    from pactmerge.config import load_config
     from pactmerge.io.hub import check_push_ready, push_folder
 
-    try:
+    extra = {"allow_nonfinite": True} if allow_nonfinite else {}
+    with _one_line_errors(None if dry_run else output_dir):
         if push_to_hub is not None:
             check_push_ready(push_to_hub)  # before any work: installed, logged in, a valid repo id
         if dry_run:
-            typer.echo(do_dry_run(config, progress=progress))
+            cfg = load_config(config)
+            typer.echo(do_dry_run(load_config({**cfg.model_dump(), **extra}) if extra else cfg, progress=progress))
             typer.echo("dry run: all inputs are valid; nothing written")
             return
-        out = do_merge(config, output_dir, device=device.value, overwrite=overwrite, progress=progress)
+        out = do_merge(
+            config, output_dir, device=device.value, overwrite=overwrite, force=force, progress=progress, **extra
+        )
         typer.echo(f"wrote {out}")
         if push_to_hub is not None:
             typer.echo(f"uploaded to {push_folder(output_dir, push_to_hub, private=private)}")
-    except PactMergeError as e:
-        _fail(e)
 
 
 @app.command("materialize")
@@ -87,10 +131,8 @@ def materialize(
     """Write one task's own model from a merge with per-task outputs (TALL masks, TSV-C)."""
     from pactmerge.modulators import materialize as do_materialize
 
-    try:
+    with _one_line_errors(dest):
         out = do_materialize(out_dir, task, dest, base_model=base_model, overwrite=overwrite)
-    except PactMergeError as e:
-        _fail(e)
     typer.echo(f"wrote {out}")
 
 

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from pactmerge.config import DTYPES, MergeConfig
 from pactmerge.errors import PactMergeError
+from pactmerge.finite import check_merged_finite, check_output_finite
 from pactmerge.io.architectures import transpose_delta
 from pactmerge.io.sources import Source
 from pactmerge.io.vocab import VocabPlan, resolve_vocabulary
@@ -122,8 +123,10 @@ def read_deltas(
     from pactmerge.io.lora import LoraSource
 
     dtype = inputs.cfg.compute_dtype
+    strict = not inputs.cfg.allow_nonfinite  # NaN/Inf in an input is an error (pactmerge.finite)
     raw = inputs.base.get(info.name)
-    check_finite(raw, inputs.base.file_of(info.name), info.name)
+    if strict:
+        check_finite(raw, inputs.base.file_of(info.name), info.name)
     base = raw.to(device=device, dtype=dtype)
     del raw
     deltas: list[Delta] = []
@@ -133,12 +136,13 @@ def read_deltas(
             if d is None:  # a parameter LoRA does not touch (bias, norm): zero update
                 deltas.append(torch.zeros_like(base))
                 continue
-            for f in tensors_of(d):
+            for f in tensors_of(d) if strict else ():
                 check_finite(f, src.file_of(info.name), info.name)
             deltas.append(d if lowrank else d.dense())
             continue
         t = src.get(info.name)
-        check_finite(t, src.file_of(info.name), info.name)
+        if strict:
+            check_finite(t, src.file_of(info.name), info.name)
         # get() returns a private copy, so subtracting in place is safe even when .to() is a no-op.
         deltas.append(t.to(device=device, dtype=dtype).sub_(base))
         del t
@@ -239,15 +243,22 @@ def iter_merged_deltas(
     cfg = inputs.cfg
     stats = prepare_stats(inputs, device, progress)
     for info in tqdm(inputs.plan.params, desc="merging", unit="param", disable=not progress, file=sys.stderr):
-        if info.kind == "copy":
-            yield info, inputs.base.get(info.name), None
+        if info.kind == "copy":  # from the base, or an extra parameter from the model that has it
+            owner = inputs.plan.copied_from.get(info.name)
+            yield info, (inputs.base if owner is None else inputs.models[owner]).get(info.name), None
             continue
         ctx: ParamContext = make_context(cfg, info, stats)
         base, deltas = read_deltas(inputs, info, device, lowrank=True)
-        merged, modulators = split_result(merge_parameter(cfg.pipeline, base, deltas, ctx))
+        try:
+            merged, modulators = split_result(merge_parameter(cfg.pipeline, base, deltas, ctx))
+        except torch.linalg.LinAlgError as e:  # e.g. an SVD that does not converge in float32
+            raise PactMergeError(
+                f"parameter {info.name!r}: {cfg.pipeline.describe()} failed in {cfg.dtype}"
+                f" ({str(e).splitlines()[0][:160]}); set dtype: float64, or exclude the parameter"
+            ) from None
         replacements = [m.replacement for m in modulators or [] if m.replacement is not None]
-        for t in (t for d in [merged, *replacements] for t in tensors_of(d)):
-            check_finite(t, f"method {cfg.method}", info.name)
+        for t in (t for d in [merged, *replacements] for t in tensors_of(d)) if not cfg.allow_nonfinite else ():
+            check_merged_finite(t, cfg.method, info.name)
         if info.transposed:  # back to the stored (in, out) layout
             base, merged = base.mT, transpose_delta(merged)
             modulators = [transpose_modulator(m) for m in modulators] if modulators is not None else None
@@ -271,12 +282,20 @@ def iter_merged_params(
     on_modulators: Callable[[ParamInfo, list[Modulator]], None] | None = None,
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield ``(name, theta)`` with ``theta = theta_0 + alpha * merged`` in the output dtype, on the CPU
-    (``on_modulators``: see :func:`iter_merged_deltas`)."""
+    (``on_modulators``: see :func:`iter_merged_deltas`).
+
+    Unless ``allow_nonfinite``, every yielded tensor is finite (a :class:`PactMergeError` naming
+    the parameter otherwise, see :mod:`pactmerge.finite`)."""
     cfg = inputs.cfg
     out_dtype = DTYPES[cfg.out_dtype] if cfg.out_dtype else None
     for info, base, merged in iter_merged_deltas(inputs, device, progress, lowrank=True, on_modulators=on_modulators):
         if merged is None:
+            if not cfg.allow_nonfinite:
+                check_output_finite(info.name, base)
             yield info.name, base
             continue
         theta = add_to(base, merged, alpha=cfg.alpha)
-        yield info.name, theta.to(dtype=out_dtype or info.dtype).cpu()
+        out = theta.to(dtype=out_dtype or info.dtype)
+        if not cfg.allow_nonfinite:  # one reduction; a float16/bfloat16 overflow on the cast is named as such
+            check_output_finite(info.name, out, theta)
+        yield info.name, out.cpu()

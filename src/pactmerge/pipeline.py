@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from pactmerge.errors import PactMergeError
 from pactmerge.registry import ParamInfo, Spec, get_filter, get_method
+from pactmerge.validation import describe_validation_error
 
 
 @dataclass(frozen=True)
@@ -100,9 +101,7 @@ def validate_params(spec: Spec, params: Mapping, where: str) -> BaseModel:
     try:
         return spec.params.model_validate(dict(params))
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        loc, msg = describe_validation_error(e)
         key = f"{where}.{loc}" if loc else where
         raise PactMergeError(f"config key '{key}' ({spec.name}): {msg}") from None
 

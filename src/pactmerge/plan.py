@@ -21,6 +21,7 @@ import torch
 
 from pactmerge.config import MergeConfig
 from pactmerge.errors import PactMergeError
+from pactmerge.finite import check_input_finite
 from pactmerge.io.architectures import in_out_weights, is_optional_buffer, read_model_config
 from pactmerge.io.sources import Source
 from pactmerge.pipeline import Stage
@@ -38,8 +39,9 @@ def layer_index(name: str) -> int | None:
 class Plan:
     params: list[ParamInfo]
     num_layers: int
-    ignored_extra: dict[str, list[str]]  # model label -> names it has that the base lacks
+    ignored_extra: dict[str, list[str]]  # model label -> names it has that the base lacks (left out)
     from_base: dict[str, list[str]] = field(default_factory=dict)  # name -> labels of the models lacking it
+    copied_from: dict[str, int] = field(default_factory=dict)  # extra name -> model index (extra_parameters: copy)
 
     def describe(self, filters: Sequence[Stage]) -> str:
         """A human-readable table: parameter, shape, kind, layer, which ``filters`` apply; then notes
@@ -70,7 +72,12 @@ class Plan:
         for name, labels in self.from_base.items():
             lines.append(f"  note: {name!r} is missing from {', '.join(labels)}: copied from the base")
         for label, names in self.ignored_extra.items():
-            lines.append(f"  note: {label} has {len(names)} parameter(s) the base lacks, ignored (e.g. {names[0]!r})")
+            lines.append(
+                f"  note: {label} has {len(names)} parameter(s) the base lacks, dropped (extra_parameters: drop;"
+                f" e.g. {names[0]!r})"
+            )
+        for name, i in self.copied_from.items():
+            lines.append(f"  note: {name!r} is not in the base: copied from models[{i}] (extra_parameters: copy)")
         return "\n".join(lines)
 
 
@@ -108,11 +115,7 @@ def build_plan(cfg: MergeConfig, base: Source, models: list[Source]) -> Plan:
                     f" {base.dtype(name)}"
                 )
     in_out = in_out_weights(arch_config, {n: tuple(base.shape(n)) for n in names})
-    ignored = {}
-    for src in models:
-        extra = [n for n in src.names() if n not in base]
-        if extra:
-            ignored[src.label] = extra
+    copied_from, ignored = extra_parameters(cfg.extra_parameters, base, models, arch_config)
 
     indices = [layer_index(n) for n in names]
     distinct = sorted({i for i in indices if i is not None})
@@ -147,7 +150,54 @@ def build_plan(cfg: MergeConfig, base: Source, models: list[Source]) -> Plan:
                 num_layers=len(distinct),
             )
         )
-    return Plan(params, len(distinct), ignored, from_base)
+    for name, i in copied_from.items():  # after the base's parameters, copied as they are
+        params.append(ParamInfo(name, tuple(models[i].shape(name)), models[i].dtype(name), "copy", None, 1.0))
+    return Plan(params, len(distinct), ignored, from_base, copied_from)
+
+
+def extra_parameters(
+    mode: str, base: Source, models: list[Source], arch_config: dict | None = None
+) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """Parameters some model has and the base lacks, handled as ``extra_parameters`` says.
+
+    ``error`` (the default): a :class:`PactMergeError` naming them (a merge would silently drop
+    them: a fine-tune's new head, a renamed layer). ``copy``: each is written to the output as
+    the one model holding it has it; held by several models, it is an error (which one?).
+    ``drop``: left out, as the dry run notes. An optional buffer the base lacks (``position_ids``
+    saved by an older transformers, see :func:`pactmerge.io.architectures.is_optional_buffer`) is
+    always left out: the output follows the base.
+
+    Returns:
+        ``({name: model index}`` to copy, ``{model label: names}`` left out).
+    """
+    extra = {i: [n for n in src.names() if n not in base] for i, src in enumerate(models)}
+    optional = {i: [n for n in names if is_optional_buffer(n, arch_config)] for i, names in extra.items()}
+    extra = {i: [n for n in names if n not in optional[i]] for i, names in extra.items()}
+    extra = {i: names for i, names in extra.items() if names}
+    left_out = {models[i].label: names for i, names in optional.items() if names}
+    if mode == "drop" or not extra:
+        for i, names in extra.items():
+            left_out.setdefault(models[i].label, []).extend(names)
+        return {}, left_out
+    if mode == "error":
+        i, names = next(iter(extra.items()))
+        shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise PactMergeError(
+            f"{models[i].label}: {len(names)} parameter(s) not in the base model {base.label}: {shown}; set"
+            " extra_parameters: copy to copy them from this model into the output, or extra_parameters: drop"
+            " to leave them out"
+        )
+    owner: dict[str, int] = {}
+    for i, names in extra.items():
+        for name in names:
+            if name in owner:
+                raise PactMergeError(
+                    f"{models[i].label}: parameter {name!r} is not in the base model, and {models[owner[name]].label}"
+                    " has it too: extra_parameters: copy takes each extra parameter from the one model that has it"
+                    " (remove it from all but one model, or set extra_parameters: drop)"
+                )
+            owner[name] = i
+    return owner, left_out
 
 
 def param_seed(seed: int, name: str) -> int:
@@ -166,6 +216,5 @@ def make_context(cfg: MergeConfig, info: ParamInfo, stats: dict | None = None) -
 
 
 def check_finite(t: torch.Tensor, label: str, name: str) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
-        raise PactMergeError(f"{label}: parameter {name!r} contains {bad}")
+    """Refuse an input tensor holding NaN/Inf (one reduction; see :mod:`pactmerge.finite`)."""
+    check_input_finite(t, label, name)

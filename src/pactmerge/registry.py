@@ -49,20 +49,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 from torch import Tensor
 
 from pactmerge.lowrank import Delta
+from pactmerge.validation import StrictModel
 
 
-class NoParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NoParams(StrictModel):
+    pass
 
 
-class Params(BaseModel):
-    """Base class for method/filter parameter models: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
+class Params(StrictModel):
+    """Base class for method/filter parameter models: unknown keys are errors, a bool is not a
+    number, floats are finite (see :mod:`pactmerge.validation`)."""
 
 
 @dataclass(frozen=True)

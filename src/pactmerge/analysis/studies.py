@@ -206,9 +206,11 @@ def suite_config(suite: Suite, config: str | os.PathLike | Mapping | None = None
         else:
             import yaml
 
+            from pactmerge.config.yaml_strict import load_yaml
+
             try:
-                user = yaml.safe_load(Path(config).read_text()) or {}
-            except (OSError, yaml.YAMLError) as e:
+                user = load_yaml(Path(config).read_text(encoding="utf-8")) or {}
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
                 raise PactMergeError(f"{config}: cannot read the config ({e})") from None
             if not isinstance(user, dict):
                 raise PactMergeError(f"{config}: a config is a mapping")

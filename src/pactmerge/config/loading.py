@@ -11,15 +11,14 @@ from pydantic import ValidationError
 
 from pactmerge.config.mergekit import from_mergekit, is_mergekit_config
 from pactmerge.config.schema import MergeConfig
+from pactmerge.config.yaml_strict import describe_yaml_error, load_yaml
 from pactmerge.errors import PactMergeError
+from pactmerge.validation import describe_validation_error
 
 
 def _format_validation_error(e: ValidationError, source: str) -> str:
-    err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"]) or "<root>"
-    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-    return f"{source}: config key '{loc}': {msg}{more}"
+    key, msg = describe_validation_error(e)
+    return f"{source}: config key '{key or '<root>'}': {msg}"
 
 
 def load_config(data: Mapping | str | os.PathLike | MergeConfig) -> MergeConfig:
@@ -37,13 +36,21 @@ def load_config(data: Mapping | str | os.PathLike | MergeConfig) -> MergeConfig:
         path = Path(data)
         source = str(path)
         try:
-            text = path.read_text()
+            raw = path.read_bytes()
         except OSError as e:
             raise PactMergeError(f"{path}: cannot read config ({e.strerror})") from None
         try:
-            data = yaml.safe_load(text)
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise PactMergeError(
+                f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save the config as UTF-8"
+            ) from None
+        try:
+            data = load_yaml(text)  # like yaml.safe_load, but a duplicated key is an error
         except yaml.YAMLError as e:
-            raise PactMergeError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+            raise PactMergeError(f"{path}: invalid YAML ({describe_yaml_error(e)})") from None
+        except RecursionError:
+            raise PactMergeError(f"{path}: invalid YAML (nested too deeply)") from None
         if not isinstance(data, Mapping):
             raise PactMergeError(f"{path}: the config must be a YAML mapping")
     try:
@@ -75,7 +82,7 @@ def _resolve_paths(data: dict, base_dir: Path) -> dict:
         data["tokenizer_source"] = fix(data["tokenizer_source"])
     if isinstance(data.get("models"), list):
         data["models"] = [
-            {**m, "model": fix(m.get("model"))} if isinstance(m, dict) else fix(m) for m in data["models"]
+            {**m, "model": fix(m["model"])} if isinstance(m, dict) and "model" in m else fix(m) for m in data["models"]
         ]
     return data
 

@@ -11,17 +11,20 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from pactmerge.errors import PactMergeError
+from pactmerge.io.writer import parse_size
 from pactmerge.pipeline import Pipeline, resolve_pipeline
+from pactmerge.validation import StrictModel, check_fits_dtype
 
 ModelRef = str | os.PathLike | Mapping  # a path, or an in-memory state dict (Python API)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class ModelEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+class ModelEntry(StrictModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
 
     model: Any  # ModelRef; pydantic can't validate a dict of tensors, so checked below
     weight: float = 1.0  # per-model weight for methods that have one (Task Arithmetic, weight_average, ...)
@@ -48,11 +51,12 @@ class ModelEntry(BaseModel):
         return v
 
 
-class MergeConfig(BaseModel):
+class MergeConfig(StrictModel):
     """See the README for every key. ``filters`` lists the filters in the order they run; a
-    ``pact:`` block alone means ``filters: [pact]`` with those parameters."""
+    ``pact:`` block alone means ``filters: [pact]`` with those parameters. Validation is strict
+    (:mod:`pactmerge.validation`): a bool is not a number, floats are finite."""
 
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True)
 
     base_model: Any
     models: list[ModelEntry] = Field(min_length=1)
@@ -75,6 +79,11 @@ class MergeConfig(BaseModel):
     tokenizer_source: str | None = None
     # A Jinja chat template written into the output's tokenizer_config.json (pactmerge.io.hf_files).
     chat_template: str | None = None
+    # A NaN/Inf in any input or output tensor is an error unless this is set (pactmerge.finite).
+    allow_nonfinite: bool = False
+    # Parameters a model has and the base lacks: an error (default), copied from the one model
+    # that has them, or dropped (pactmerge.plan.extra_parameters).
+    extra_parameters: Literal["error", "copy", "drop"] = "error"
 
     _pipeline: Pipeline | None = PrivateAttr(default=None)
     # The YAML text the config was loaded from (the model card quotes it), None for in-memory configs.
@@ -84,7 +93,7 @@ class MergeConfig(BaseModel):
     @classmethod
     def _shorthand(cls, v):
         # `models: [a, b]` is short for `models: [{model: a}, {model: b}]`.
-        if isinstance(v, list):
+        if isinstance(v, list | tuple):
             return [x if isinstance(x, dict | ModelEntry) and "model" in x else {"model": x} for x in v]
         return v
 
@@ -106,6 +115,26 @@ class MergeConfig(BaseModel):
             except re.error as e:
                 raise ValueError(f"bad regex {pat!r}: {e}") from None
         return v
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, v):
+        parse_size(v)  # a ValueError naming the accepted forms
+        return v
+
+    @model_validator(mode="after")
+    def _numbers_fit(self):
+        # alpha and the weights multiply tensors of the compute dtype: beyond its range torch
+        # refuses the product (float32: |x| <= 3.4e38).
+        check_fits_dtype(self.alpha, self.compute_dtype, "alpha", "lower it or set dtype: float64")
+        for i, m in enumerate(self.models):
+            check_fits_dtype(m.weight, self.compute_dtype, f"models[{i}].weight", "lower it or set dtype: float64")
+        if self.output == "adapter" and self.extra_parameters == "copy":
+            raise PactMergeError(
+                "config key 'extra_parameters': copy cannot be used with output: adapter (an adapter holds"
+                " only updates of the base's weights)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _resolve(self):

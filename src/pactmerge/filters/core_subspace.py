@@ -100,7 +100,7 @@ class SPactParams(Params):
     depth: float = Field(1.0, ge=0.0, le=1.0, description="fraction of layers, from the input side, that are filtered")
     svd: Literal["exact", "randomized"] = "exact"
     oversample: int = Field(10, ge=0, description="randomized SVD: extra sketch columns")
-    power_iters: int = Field(2, ge=0, description="randomized SVD: power iterations")
+    power_iters: int = Field(2, ge=0, le=100, description="randomized SVD: power iterations (a few suffice)")
 
 
 def _check_s_pact(p: SPactParams, info: ParamInfo) -> None:

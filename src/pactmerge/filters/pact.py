@@ -43,7 +43,7 @@ class PactParams(Params):
     k: int = Field(8, ge=0, description="rank of each task's active subspace V_{t,k}")
     svd: Literal["exact", "randomized"] = "exact"
     oversample: int = Field(10, ge=0, description="randomized SVD: extra sketch columns")
-    power_iters: int = Field(2, ge=0, description="randomized SVD: power iterations")
+    power_iters: int = Field(2, ge=0, le=100, description="randomized SVD: power iterations (a few suffice)")
     depth: float = Field(1.0, ge=0.0, le=1.0, description="fraction of layers, from the input side, that are filtered")
     orth_rtol: float | None = Field(
         None,

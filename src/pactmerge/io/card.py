@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from pactmerge import __version__
@@ -194,7 +195,8 @@ def model_card(
         f"- {num_params} parameters in {len(files)} file(s): {', '.join(files)}",
         f"- copied from the base folder: {shown or 'none'}",
         "- `pactmerge_config.yaml`: the config in pactmerge's own form, to reproduce the merge",
-        f"- merge time: {seconds:.1f} s",
+        f"- merge time: {seconds:.1f} s; torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s)"
+        " (bit-identical reruns need the same device, thread count and versions: README, Determinism)",
         "",
     ]
     return "\n".join(lines)

@@ -34,17 +34,44 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 from torch import Tensor
 
 from pactmerge.errors import PactMergeError
 from pactmerge.io.hub import local_reference
 from pactmerge.io.sources import Source, _open_file
 from pactmerge.lowrank import LowRankDelta
+from pactmerge.validation import StrictModel, describe_validation_error
 
 ADAPTER_CONFIG = "adapter_config.json"
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<mod>.+?)\.lora_(?P<ab>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+
+class AdapterConfigKeys(StrictModel):
+    """The ``adapter_config.json`` keys the merge reads, type-checked (PEFT writes many more, allowed)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    peft_type: str | None = None
+    r: int | None = Field(None, ge=1)
+    lora_alpha: float | None = None
+    rank_pattern: dict[str, Annotated[int, Field(ge=1)]] | None = None
+    alpha_pattern: dict[str, float] | None = None
+    use_rslora: bool | None = None
+    fan_in_fan_out: bool | None = None
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _regex_keys(cls, v):
+        for key in v or {}:
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise ValueError(f"{key!r} is not a valid regular expression ({e})") from None
+        return v
 
 
 def is_adapter(ref) -> bool:
@@ -96,9 +123,18 @@ class LoraSource(Source):
     def _read_config(self, folder: Path) -> dict:
         path = folder / ADAPTER_CONFIG
         try:
-            cfg = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise PactMergeError(f"{path}: cannot read the adapter config ({e})") from None
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise PactMergeError(f"{path}: cannot read the adapter config ({e.strerror})") from None
+        except (ValueError, RecursionError) as e:
+            raise PactMergeError(f"{path}: cannot read the adapter config ({str(e).splitlines()[0][:200]})") from None
+        if not isinstance(cfg, dict):
+            raise PactMergeError(f"{path}: the adapter config must be a JSON object, not a {type(cfg).__name__}")
+        try:
+            AdapterConfigKeys.model_validate(cfg)
+        except ValidationError as e:
+            key, msg = describe_validation_error(e)
+            raise PactMergeError(f"{path}: key '{key}': {msg} (fix the adapter config)") from None
         where = f"{path}:"
         if str(cfg.get("peft_type", "")).upper() != "LORA":
             raise PactMergeError(f"{where} peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
@@ -179,10 +215,12 @@ class LoraSource(Source):
                     f" {list(want)}{' (transposed: fan_in_fan_out)' if self.fan_in_fan_out else ''}"
                     f", the base weight {name!r} is {list(self.base.shape(name))}"
                 )
-            r_cfg = int(pattern_value(cfg.get("rank_pattern"), mod, cfg.get("r", r)))
+            r_cfg = int(pattern_value(cfg.get("rank_pattern"), mod, r if cfg.get("r") is None else cfg["r"]))
             if r_cfg != r:
                 raise PactMergeError(f"{label}: {mod!r}: lora_A has rank {r}, the adapter config says r = {r_cfg}")
-            alpha = float(pattern_value(cfg.get("alpha_pattern"), mod, cfg.get("lora_alpha", r)))
+            alpha = float(
+                pattern_value(cfg.get("alpha_pattern"), mod, r if cfg.get("lora_alpha") is None else cfg["lora_alpha"])
+            )
             scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
             if name in targets:
                 raise PactMergeError(f"{label}: two modules target the base weight {name!r}")

@@ -99,6 +99,90 @@ class DictSource(Source):
         return self._state[name].detach().to("cpu").clone()
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def parse_safetensors_header(
+    raw: bytes, data_len: int, label: str
+) -> dict[str, tuple[tuple[int, ...], torch.dtype, int, int]]:
+    """Parse and check a safetensors JSON header.
+
+    Args:
+        raw: the header bytes (after the 8-byte length).
+        data_len: bytes in the file after the header (the data buffer).
+        label: the file, for error messages.
+
+    Returns:
+        ``{name: (shape, dtype, begin, end)}`` in the header's order; ``begin``/``end`` are offsets
+        into the data buffer.
+
+    Raises:
+        PactMergeError: naming the file (and the parameter) for invalid JSON, a duplicated key, a
+            non-integer or negative shape/offset (``Infinity``, ``1.5``, ``true``), an unknown dtype,
+            a byte range of the wrong length, past the end of the file, or overlapping another.
+    """
+    try:
+        header = json.loads(raw, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise PactMergeError(f"{label}: corrupt safetensors header ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(header, dict):
+        raise PactMergeError(f"{label}: corrupt safetensors header (not a JSON object)")
+    if not isinstance(header.get("__metadata__", {}), dict):
+        raise PactMergeError(f"{label}: corrupt safetensors header (__metadata__ is not an object)")
+    out: dict[str, tuple[tuple[int, ...], torch.dtype, int, int]] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        bad = f"{label}: corrupt safetensors header entry for parameter {name!r}"
+        if not isinstance(entry, dict):
+            raise PactMergeError(f"{bad} (not an object)")
+        dtype_name = entry.get("dtype")
+        dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+        if dtype is None:
+            raise PactMergeError(f"{bad} (unsupported dtype {dtype_name!r})")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise PactMergeError(f"{bad} (shape {shape!r} is not a list of non-negative integers)")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets):
+            raise PactMergeError(f"{bad} (data_offsets {offsets!r} is not two non-negative integers)")
+        begin, end = offsets
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if end - begin != nbytes:
+            raise PactMergeError(
+                f"{label}: corrupt safetensors file: parameter {name!r} has {end - begin} bytes, expected {nbytes}"
+            )
+        if end > data_len:
+            raise PactMergeError(
+                f"{label}: truncated safetensors file: parameter {name!r} ends past the end of the file"
+            )
+        out[name] = (tuple(shape), dtype, begin, end)
+    # Two tensors may not share bytes (an empty one occupies none).
+    spans = sorted((b, e, n) for n, (_, _, b, e) in out.items() if e > b)
+    for (_, end0, name0), (begin1, _, name1) in zip(spans, spans[1:]):
+        if begin1 < end0:
+            raise PactMergeError(
+                f"{label}: corrupt safetensors file: parameters {name0!r} and {name1!r} overlap in the data buffer"
+            )
+    return out
+
+
 class SafetensorsFile(Source):
     """One ``.safetensors`` file, memory-mapped; the header is parsed and checked up front."""
 
@@ -109,6 +193,24 @@ class SafetensorsFile(Source):
             self._file = open(path, "rb")  # noqa: SIM115 -- held open for the mmap until close()
         except OSError as e:
             raise PactMergeError(f"{path}: cannot open ({e.strerror})") from None
+        try:
+            size, header_len, entries = self._read_header(path)
+        except OSError as e:
+            self._file.close()
+            raise PactMergeError(f"{path}: cannot read ({e.strerror})") from None
+        except BaseException:
+            self._file.close()
+            raise
+        self._data_start = 8 + header_len
+        self._offsets: dict[str, tuple[int, int]] = {}
+        for name, (shape, dtype, begin, end) in entries.items():
+            self._meta[name] = (shape, dtype)
+            self._offsets[name] = (begin, end)
+        # Keep the checkpoint's own order of parameters (by file offset), as written.
+        self._meta = dict(sorted(self._meta.items(), key=lambda kv: self._offsets[kv[0]][0]))
+        self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
+
+    def _read_header(self, path: Path) -> tuple[int, int, dict]:
         size = os.fstat(self._file.fileno()).st_size
         if size < 8:
             raise PactMergeError(f"{path}: truncated or corrupt safetensors file (only {size} bytes)")
@@ -117,41 +219,7 @@ class SafetensorsFile(Source):
             raise PactMergeError(
                 f"{path}: truncated or corrupt safetensors file (header length {header_len} > file size)"
             )
-        try:
-            header = json.loads(self._file.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise PactMergeError(f"{path}: corrupt safetensors header ({e})") from None
-        if not isinstance(header, dict):
-            raise PactMergeError(f"{path}: corrupt safetensors header (not a JSON object)")
-        self._data_start = 8 + header_len
-        self._offsets: dict[str, tuple[int, int]] = {}
-        data_len = size - self._data_start
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-                shape = tuple(int(s) for s in entry["shape"])
-                begin, end = (int(o) for o in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise PactMergeError(f"{path}: corrupt safetensors header entry for parameter {name!r}") from None
-            numel = 1
-            for s in shape:
-                numel *= s
-            nbytes = numel * torch.empty((), dtype=dtype).element_size()
-            if end - begin != nbytes or begin < 0:
-                raise PactMergeError(
-                    f"{path}: corrupt safetensors file: parameter {name!r} has {end - begin} bytes, expected {nbytes}"
-                )
-            if end > data_len:
-                raise PactMergeError(
-                    f"{path}: truncated safetensors file: parameter {name!r} ends past the end of the file"
-                )
-            self._meta[name] = (shape, dtype)
-            self._offsets[name] = (begin, end)
-        # Keep the checkpoint's own order of parameters (by file offset), as written.
-        self._meta = dict(sorted(self._meta.items(), key=lambda kv: self._offsets[kv[0]][0]))
-        self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
+        return size, header_len, parse_safetensors_header(self._file.read(header_len), size - 8 - header_len, str(path))
 
     def get(self, name: str) -> Tensor:
         shape, dtype = self._meta[name]

@@ -9,19 +9,18 @@ tensor. Shards are named ``model-00001-of-0000N.safetensors`` with
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
+import math
+import re
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 from torch import Tensor
 
-from pactmerge.errors import PactMergeError
+from pactmerge.io.output_guard import atomic_output_dir as atomic_output_dir  # its home was here
 from pactmerge.io.sources import SAFETENSORS_DTYPES
 
 WEIGHT_FILE_PATTERNS = (
@@ -44,16 +43,32 @@ _OWN_FILES = ("README.md", "pactmerge_config.yaml")
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
+
+
 def parse_size(size: str | int) -> int:
-    """'5GB' / '500MB' / '1.5 GiB' / 1000000 -> bytes."""
+    """'5GB' / '500MB' / '1.5 GiB' / 1000000 -> a positive number of bytes.
+
+    Raises:
+        ValueError: anything else (a bool, zero or a negative number, an unknown unit), with the
+            accepted forms in the message.
+    """
+    bad = f"{size!r} is not a size: give a positive number of bytes or a number with a unit, e.g. 2GB, 500MB, 1.5GiB"
+    if isinstance(size, bool):
+        raise ValueError(bad)
     if isinstance(size, int):
+        if size < 1:
+            raise ValueError(bad)
         return size
-    s = str(size).strip().upper().replace(" ", "")
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    for unit, mult in units.items():
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(float(s))
+    m = _SIZE.match(size) if isinstance(size, str) else None
+    if m is None or m.group(2).upper() not in _SIZE_UNITS:
+        raise ValueError(bad)
+    value = float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+    if not math.isfinite(value) or value < 1:
+        raise ValueError(bad)
+    return int(value)
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -110,10 +125,16 @@ class ShardedWriter:
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
-        fh = open(self.folder / self.files[g], "wb")  # noqa: SIM115 -- one shard stays open across add() calls
-        fh.write(struct.pack("<Q", len(raw)) + raw)
-        self._fh = fh
+        self._fh = open(self.folder / self.files[g], "wb")  # noqa: SIM115 -- one shard stays open across add() calls
         self._open_group = g
+        self._write(struct.pack("<Q", len(raw)) + raw)
+
+    def _write(self, data) -> None:
+        assert self._fh is not None  # _start_shard opened it
+        try:
+            self._fh.write(data)
+        except OSError as e:  # e.g. a full disk: name the shard (write() errors carry no file name)
+            raise OSError(e.errno, e.strerror, str(self.folder / self.files[self._open_group])) from None
 
     def add(self, name: str, tensor: Tensor) -> None:
         if self._next >= len(self._order):
@@ -126,10 +147,15 @@ class ShardedWriter:
         if g != self._open_group:
             self._start_shard(g)
         if tensor.numel():
-            assert self._fh is not None  # _start_shard opened it
             # Flatten before the byte view: a 0-D tensor (CLIP's logit_scale) has no last dim to view.
-            self._fh.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            self._write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
         self._next += 1
+
+    def abort(self) -> None:
+        """Close the open shard unfinished (after a failure; the caller discards the folder)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
     def close(self) -> list[str]:
         """Finish the last shard and write the index; returns the shard file names."""
@@ -171,42 +197,3 @@ def copy_non_weight_files(src: Path, dst: Path) -> list[str]:
         shutil.copyfile(f, dst / rel)  # content only: the output's modes follow the umask
         copied.append(rel.as_posix())
     return copied
-
-
-def _make_dir_beside(parent: Path, prefix: str) -> Path:
-    """A new, uniquely named folder in ``parent`` created with mode 0o777 minus the umask (unlike
-    ``tempfile.mkdtemp``'s 0o700, which the output folder would keep after the rename)."""
-    for _ in range(100):
-        path = parent / f"{prefix}{os.urandom(6).hex()}"
-        try:
-            path.mkdir(mode=0o777)
-        except FileExistsError:
-            continue
-        return path
-    raise PactMergeError(f"{parent}: cannot create a temporary folder")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(target: Path, overwrite: bool = False):
-    """Yield a temporary folder beside ``target``; move it into place only if the block succeeds.
-
-    On any exception the temporary folder is removed and ``target`` is untouched.
-    """
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise PactMergeError(f"{target}: output folder already exists (pass --overwrite to replace it)")
-    parent = target.parent if str(target.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_dir_beside(parent, f".{target.name}.tmp-")
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
-        os.replace(target, trash / "old")
-        os.replace(tmp, target)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, target)

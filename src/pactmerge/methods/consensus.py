@@ -52,7 +52,7 @@ class DisjointSumTiesParams(TiesParams):
 class ConsensusParams(Params):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    k: int = Field(2, ge=0, description="an entry is kept when at least k TALL masks select it")
+    k: int = Field(2, ge=0, le=10_000, description="an entry is kept when at least k TALL masks select it")
     lambda_: float = Field(
         0.6, ge=0.0, alias="lambda", description="default lambda_t (a model's parameters.lambda overrides)"
     )
