@@ -2,6 +2,7 @@
 
 Public API (see README):
     merge(config, output_dir=None, ...)   -> merged state dict (in memory) or a written HF folder
+    evaluate(config, models=(...), ...)   -> the table of base / fine-tuned / merged models on the test split
     MergeConfig                             the validated configuration
 """
 
@@ -9,7 +10,7 @@ __version__ = "0.1.0"
 
 from pactmerge.errors import PactMergeError
 
-__all__ = ["__version__", "PactMergeError", "merge", "MergeConfig"]
+__all__ = ["__version__", "PactMergeError", "merge", "evaluate", "MergeConfig"]
 
 
 def __getattr__(name):
@@ -18,6 +19,10 @@ def __getattr__(name):
         from pactmerge.api import merge
 
         return merge
+    if name == "evaluate":
+        from pactmerge.eval.session import evaluate
+
+        return evaluate
     if name == "MergeConfig":
         from pactmerge.config import MergeConfig
 

@@ -48,32 +48,47 @@ def merge(
         if overrides:
             cfg = load_config({**cfg.model_dump(), **overrides})
     dev = resolve_device(device)
+    session = None
+    if cfg.evaluation is not None:  # the tasks are read and checked, and the evaluator loaded, first
+        from pactmerge.eval.session import MergeEvaluation
+
+        session = MergeEvaluation(cfg, dev, progress)
+        cfg = session.merge_config
     inputs = open_inputs(cfg)
     try:
+        if session is not None:
+            session.run(inputs)  # one streamed merge; alpha chosen on the validation split
+            if output_dir is None:
+                return dict(session.params(inputs))
         if output_dir is None:
             return dict(iter_merged_params(inputs, dev, progress))
         if cfg.output == "adapter":
-            return _write_adapter(inputs, Path(output_dir), dev, overwrite, progress)
-        return _write(inputs, Path(output_dir), dev, overwrite, progress)
+            return _write_adapter(inputs, Path(output_dir), dev, overwrite, progress, session)
+        return _write(inputs, Path(output_dir), dev, overwrite, progress, session)
     finally:
         inputs.close()
 
 
-def _write(inputs, output_dir: Path, device, overwrite: bool, progress: bool) -> Path:
-    cfg = inputs.cfg
+def _write(inputs, output_dir: Path, device, overwrite: bool, progress: bool, session=None) -> Path:
+    cfg = session.output_config if session is not None else inputs.cfg
     start = time.perf_counter()
     with atomic_output_dir(output_dir, overwrite) as tmp:
         writer = ShardedWriter(tmp, output_layout(inputs), parse_size(cfg.max_shard_size))
-        for name, tensor in iter_merged_params(inputs, device, progress):
+        params = session.params(inputs) if session is not None else iter_merged_params(inputs, device, progress)
+        for name, tensor in params:
             writer.add(name, tensor)
         files = writer.close()
         copied = copy_non_weight_files(inputs.base.folder, tmp) if inputs.base.folder else []
         (tmp / "pactmerge_config.yaml").write_text(config_to_yaml(cfg))
-        (tmp / "README.md").write_text(_merge_card(cfg, inputs, files, copied, time.perf_counter() - start))
+        card = _merge_card(cfg, inputs, files, copied, time.perf_counter() - start)
+        if session is not None:  # evaluation.{json,md,png}, per-task folders, the card's section
+            session.write_files(tmp, files)
+            card += "\n" + session.card_section()
+        (tmp / "README.md").write_text(card)
     return output_dir
 
 
-def _write_adapter(inputs, output_dir: Path, device, overwrite: bool, progress: bool) -> Path:
+def _write_adapter(inputs, output_dir: Path, device, overwrite: bool, progress: bool, session=None) -> Path:
     """``output: adapter``: the merged update ``alpha * merged`` as a PEFT LoRA adapter folder."""
     from pactmerge.config import DTYPES
     from pactmerge.engine import iter_merged_deltas
@@ -82,7 +97,7 @@ def _write_adapter(inputs, output_dir: Path, device, overwrite: bool, progress: 
     from pactmerge.io.lora import LoraSource
     from pactmerge.lowrank import scale_delta
 
-    cfg = inputs.cfg
+    cfg = session.output_config if session is not None else inputs.cfg
     layouts = {s.fan_in_fan_out for s in inputs.models if isinstance(s, LoraSource)}
     if len(layouts) > 1:
         raise PactMergeError("output: adapter: the input adapters disagree on fan_in_fan_out")
@@ -91,9 +106,13 @@ def _write_adapter(inputs, output_dir: Path, device, overwrite: bool, progress: 
     start = time.perf_counter()
     with atomic_output_dir(output_dir, overwrite) as tmp:
         updates = (
-            (info, scale_delta(merged, cfg.alpha))
-            for info, _, merged in iter_merged_deltas(inputs, device, progress, lowrank=True)
-            if merged is not None
+            session.adapter_updates(inputs)
+            if session is not None
+            else (
+                (info, scale_delta(merged, cfg.fixed_alpha))
+                for info, _, merged in iter_merged_deltas(inputs, device, progress, lowrank=True)
+                if merged is not None
+            )
         )
         report = write_adapter(
             tmp,
@@ -105,7 +124,11 @@ def _write_adapter(inputs, output_dir: Path, device, overwrite: bool, progress: 
         )
         (tmp / "pactmerge_config.yaml").write_text(config_to_yaml(cfg))
         card = _merge_card(cfg, inputs, ["adapter_model.safetensors"], [], time.perf_counter() - start)
-        (tmp / "README.md").write_text(card + _adapter_section(report, cfg.adapter_rank))
+        card += _adapter_section(report, cfg.adapter_rank)
+        if session is not None:
+            session.write_files(tmp, [])
+            card += "\n" + session.card_section()
+        (tmp / "README.md").write_text(card)
     return output_dir
 
 
@@ -169,6 +192,10 @@ def dry_run(config: MergeConfig | dict | str | os.PathLike, progress: bool = Fal
     from pactmerge.plan import check_finite
 
     cfg = load_config(config)
+    if cfg.evaluation is not None:  # the tasks' data, columns, labels, splits and the evaluated model
+        from pactmerge.eval.session import MergeEvaluation
+
+        cfg = MergeEvaluation(cfg, resolve_device("cpu")).merge_config
     inputs = open_inputs(cfg)
     try:
         for info in tqdm(inputs.plan.params, desc="checking", unit="param", disable=not progress, file=sys.stderr):

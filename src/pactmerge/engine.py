@@ -241,5 +241,5 @@ def iter_merged_params(
         if merged is None:
             yield info.name, base
             continue
-        theta = add_to(base, merged, alpha=cfg.alpha)
+        theta = add_to(base, merged, alpha=cfg.fixed_alpha)
         yield info.name, theta.to(dtype=out_dtype or info.dtype).cpu()

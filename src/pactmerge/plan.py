@@ -58,6 +58,8 @@ def build_plan(cfg: MergeConfig, base: Source, models: list[Source]) -> Plan:
         raise PactMergeError(f"{base.label}: the base model has no parameters")
     for src in models:
         for name in names:
+            if any(r.search(name) for r in excludes):
+                continue  # copied from the base: the models need not have it (e.g. a base's own task head)
             if name not in src:
                 raise PactMergeError(
                     f"{src.label}: missing parameter {name!r} (present in the base model {base.label})"

@@ -15,10 +15,10 @@ from pactmerge.errors import PactMergeError
 
 def _format_validation_error(e: ValidationError, source: str) -> str:
     err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"]) or "<root>"
-    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+    loc = ".".join(str(x) for x in err["loc"])
+    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
     more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-    return f"{source}: config key '{loc}': {msg}{more}"
+    return f"{source}: config key '{loc}': {msg}{more}" if loc else f"{source}: {msg}{more}"
 
 
 def load_config(data: Mapping | str | os.PathLike | MergeConfig) -> MergeConfig:
@@ -65,6 +65,21 @@ def _resolve_paths(data: dict, base_dir: Path) -> dict:
         data["models"] = [
             {**m, "model": fix(m.get("model"))} if isinstance(m, dict) else fix(m) for m in data["models"]
         ]
+    evaluation = data.get("evaluation")
+    if isinstance(evaluation, dict):  # task data files and a python file, by the same rule
+        evaluation = data["evaluation"] = dict(evaluation)
+        if isinstance(evaluation.get("tasks"), dict):
+            tasks = {k: dict(v) if isinstance(v, dict) else v for k, v in evaluation["tasks"].items()}
+            evaluation["tasks"] = tasks
+            for task in tasks.values():
+                if isinstance(task, dict) and isinstance(task.get("data"), dict):
+                    task["data"] = {s: fix(p) for s, p in task["data"].items()}
+                elif isinstance(task, dict) and "data" in task:
+                    task["data"] = fix(task["data"])
+        fn = evaluation.get("function")
+        if isinstance(fn, str) and ".py:" in fn:
+            file, _, name = fn.rpartition(":")
+            evaluation["function"] = f"{fix(file)}:{name}"
     return data
 
 
@@ -78,4 +93,6 @@ def config_to_yaml(cfg: MergeConfig) -> str:
     d["base_model"] = ref(d["base_model"])
     for m in d["models"]:
         m["model"] = ref(m["model"])
+    if cfg.evaluation is not None:  # as the user gave it
+        d["evaluation"] = cfg.evaluation.model_dump(mode="json", exclude_unset=True)
     return yaml.safe_dump(d, sort_keys=False)

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from pactmerge.config.evaluation import EvaluationConfig, check_model_tasks
+from pactmerge.errors import PactMergeError
 from pactmerge.pipeline import Pipeline, resolve_pipeline
 
 ModelRef = str | os.PathLike | Mapping  # a path, or an in-memory state dict (Python API)
@@ -26,6 +28,7 @@ class ModelEntry(BaseModel):
     model: Any  # ModelRef; pydantic can't validate a dict of tensors, so checked below
     weight: float = 1.0  # per-model weight for methods that have one (Task Arithmetic, weight_average, ...)
     parameters: dict[str, Any] = Field(default_factory=dict)  # per-model method options (e.g. a lambda)
+    task: str | None = None  # the evaluation task this model was fine-tuned for (evaluation.tasks)
 
     @field_validator("model")
     @classmethod
@@ -44,7 +47,7 @@ class MergeConfig(BaseModel):
     base_model: Any
     models: list[ModelEntry] = Field(min_length=1)
     method: str = "task_arithmetic"
-    alpha: float = 1.0
+    alpha: float | Literal["search"] = 1.0  # "search": chosen on the validation split (needs `evaluation`)
     parameters: dict[str, Any] = Field(default_factory=dict)
     pact: dict[str, Any] | None = None
     filters: list[str | dict[str, dict[str, Any]]] | None = None
@@ -57,6 +60,7 @@ class MergeConfig(BaseModel):
     # (pactmerge.io.adapter_writer); rank = the update's numerical rank, at most `adapter_rank`.
     output: Literal["dense", "adapter"] = "dense"
     adapter_rank: int | None = Field(None, ge=1)
+    evaluation: EvaluationConfig | None = None  # the user's tasks (pactmerge.eval.session, docs/evaluate.md)
 
     _pipeline: Pipeline | None = PrivateAttr(default=None)
 
@@ -75,6 +79,13 @@ class MergeConfig(BaseModel):
             raise ValueError("must be a path or a state dict")
         return v
 
+    @field_validator("alpha", mode="before")
+    @classmethod
+    def _alpha(cls, v):
+        if isinstance(v, str) and v != "search":
+            raise ValueError(f"must be a number or 'search', not {v!r}")
+        return v
+
     @field_validator("exclude")
     @classmethod
     def _regexes(cls, v):
@@ -88,6 +99,13 @@ class MergeConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _evaluation(self):
+        if self.alpha == "search" and self.evaluation is None:
+            raise ValueError("alpha: search chooses alpha on validation data; it needs an `evaluation:` block")
+        check_model_tasks([m.task for m in self.models], self.evaluation)
+        return self
+
+    @model_validator(mode="after")
     def _resolve(self):
         # Resolve now so an unknown method/filter/option fails at load time, and only once.
         self._pipeline = resolve_pipeline(self.method, self.parameters, self.filters, self.pact)
@@ -99,6 +117,16 @@ class MergeConfig(BaseModel):
         if self._pipeline is None:  # a config built with model_construct(): resolve on first use
             self._pipeline = resolve_pipeline(self.method, self.parameters, self.filters, self.pact)
         return self._pipeline
+
+    @property
+    def fixed_alpha(self) -> float:
+        """``alpha`` as a number; ``alpha: search`` has none until an evaluation has chosen it."""
+        if isinstance(self.alpha, str):
+            raise PactMergeError(
+                "alpha: search is chosen on validation data by pactmerge.merge / `pactmerge merge` (the"
+                " evaluation block); this code path needs a number"
+            )
+        return float(self.alpha)
 
     @property
     def compute_dtype(self) -> torch.dtype:

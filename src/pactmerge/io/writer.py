@@ -111,7 +111,8 @@ class ShardedWriter:
             self._start_shard(g)
         if tensor.numel():
             assert self._fh is not None  # _start_shard opened it
-            self._fh.write(tensor.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy().data)
+            # Flatten before the byte view: a 0-D tensor (CLIP's logit_scale) has no last dim to view.
+            self._fh.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
         self._next += 1
 
     def close(self) -> list[str]:
