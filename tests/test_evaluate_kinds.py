@@ -497,3 +497,32 @@ def test_calibration_batches_from_the_built_in_suites():
         next(calibration_batches("image", "wn_pos", 3))
     with pytest.raises(PactMergeError, match="'digits8' is not a task of text6"):
         next(calibration_batches("text6", "digits8", 3))
+
+
+def test_alpha_search_over_lora_adapters_writes_the_adapter_at_the_pick(text_setup, tmp_path):
+    """PEFT adapters as the fine-tunes (low-rank task vectors), output: adapter: the written adapter
+    is the one a merge with alpha fixed to the pick writes."""
+    peft = pytest.importorskip("peft")
+    root, base, finetuned, data, path = text_setup
+    adapters = {}
+    for i, task in enumerate(TEXT_TASKS):
+        torch.manual_seed(i)
+        model = peft.get_peft_model(
+            transformers.AutoModel.from_pretrained(base),
+            peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], init_lora_weights=False),
+        )
+        adapters[task] = tmp_path / f"lora_{task}"
+        model.save_pretrained(adapters[task])
+    cfg = yaml.safe_load(path.read_text())
+    cfg["models"] = [{"model": str(adapters[t]), "task": t} for t in TEXT_TASKS]
+    cfg["method"], cfg["output"] = "task_arithmetic", "adapter"
+    out = tmp_path / "out"
+    pactmerge.merge(cfg, out)
+    ev = json.loads((out / "evaluation.json").read_text())
+    fixed = tmp_path / "fixed"
+    pactmerge.merge(
+        {**cfg, "alpha": ev["alpha"], "evaluation": None, "models": [str(a) for a in adapters.values()]}, fixed
+    )
+    a, b = _read(out / "adapter_model.safetensors"), _read(fixed / "adapter_model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+    assert yaml.safe_load((out / "pactmerge_config.yaml").read_text())["alpha"] == ev["alpha"]

@@ -12,7 +12,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-KINDS = ("sequence-classification", "zero-shot-text", "clip-zero-shot", "causal-lm", "python")
 Kind = Literal["sequence-classification", "zero-shot-text", "clip-zero-shot", "causal-lm", "python"]
 
 # The task keys each kind reads (beyond `data` and `split_column`, which every data-reading kind takes).
