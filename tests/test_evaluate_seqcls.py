@@ -158,13 +158,21 @@ def test_test_data_never_influence_the_choice(setup, searched, tmp_path):
     assert again["validation"] == ev["validation"]
 
 
-def test_fixed_alpha_with_an_evaluation_scores_that_alpha(setup, tmp_path):
-    path = _config(setup, tmp_path / "merge.yaml", alpha=0.7)
+def test_fixed_alpha_with_an_evaluation_scores_that_alpha_sharded(setup, tmp_path):
+    root, base, finetuned, data = setup
+    path = _config(setup, tmp_path / "merge.yaml", alpha=0.7, max_shard_size=40_000)
     out = tmp_path / "out"
     assert runner.invoke(app, ["merge", str(path), str(out), "--no-progress"]).exit_code == 0
     ev = json.loads((out / "evaluation.json").read_text())
     assert not ev["searched"] and ev["alpha"] == 0.7 and ev["trace"] == []
     assert "fixed in the config" in (out / "evaluation.md").read_text()
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1  # the per-task folders link every shard
+    for task, labels in TASKS.items():
+        linked = sorted(p.name for p in (out / task).glob("backbone-*.safetensors"))
+        assert linked == [s.replace("model", "backbone", 1) for s in shards]
+        rows = read_csv(data[task])
+        assert ev["test"][task] == pytest.approx(_hf_accuracy(out / task, rows, labels, "test"))
 
 
 def test_evaluate_command_prints_the_bench_table(setup, searched):

@@ -28,7 +28,7 @@ KIND_METRICS: dict[str, tuple[str, ...]] = {
     "zero-shot-text": ("accuracy", "macro_f1"),
     "clip-zero-shot": ("accuracy", "macro_f1"),
     "causal-lm": ("accuracy",),  # multiple choice: accuracy; prompt + answer: exact match (reported as accuracy)
-    "python": ("accuracy",),  # whatever the function returns
+    "python": ("score",),  # whatever the function returns (higher is better)
 }
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

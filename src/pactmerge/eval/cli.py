@@ -191,8 +191,8 @@ def evaluate_command(
         _fail(e)
     typer.echo(markdown_table(report))
     typer.echo(
-        f"\n{report['kind']}, metric {report['metric']} on the test split (%); avg norm = score / that task's"
-        f" fine-tune's score; {report['seconds']:.0f}s"
+        f"\n{report['kind']}, metric {report['metric']} on the test split; avg norm = score / that task's"
+        f" fine-tune's score (%); {report['seconds']:.0f}s"
     )
     if out is not None:
         write_outputs(report, Path(out), chart=False)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -27,14 +27,15 @@ def markdown_table(report: Mapping[str, Any]) -> str:
     """One row per model: score per task (%), average, average normalized by the fine-tunes, alpha,
     merge seconds. Skipped rows say why."""
     tasks = report["tasks"]
+    fmt = score_format(report.get("metric", "accuracy"))
     head = ["method", *tasks, "avg abs", "avg norm", "α", "merge s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["rows"]:
         if "skipped" in r:
             lines.append(f"| {r['label']} | " + " | ".join(["—"] * (len(head) - 2)) + f" | skipped: {r['skipped']} |")
             continue
-        cells = [r["label"], *(_pct(r["test"].get(t)) for t in tasks)]
-        cells += [_pct(r["avg_abs"]), _pct(r["avg_norm"]), r["alpha_label"]]
+        cells = [r["label"], *(fmt(r["test"].get(t)) for t in tasks)]
+        cells += [fmt(r["avg_abs"]), _pct(r["avg_norm"]), r["alpha_label"]]
         cells.append(f"{r['merge_seconds']:.1f}" if r.get("merge_seconds") is not None else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -42,6 +43,15 @@ def markdown_table(report: Mapping[str, Any]) -> str:
 
 def _pct(x: float | None) -> str:
     return "—" if x is None or x != x else f"{100 * x:.1f}"  # x != x: NaN (no reference to normalize by)
+
+
+def _raw(x: float | None) -> str:
+    return "—" if x is None or x != x else f"{x:.4g}"
+
+
+def score_format(metric: str) -> Callable[[float | None], str]:
+    """Fractions (accuracy, macro F1) as percentages; a python function's score as it is."""
+    return _raw if metric == "score" else _pct
 
 
 def write_outputs(report: Mapping[str, Any], out: Path, chart: bool = True, title: str | None = None) -> None:
@@ -100,6 +110,7 @@ def evaluation_markdown(evaluation: Mapping[str, Any]) -> str:
     """``evaluation.md``: the chosen alpha, per-task validation and test scores, and the alpha trace."""
     tasks: Sequence[str] = evaluation["tasks"]
     metric = evaluation["metric"]
+    fmt = score_format(metric)
     lines = [
         "# Evaluation",
         "",
@@ -117,11 +128,11 @@ def evaluation_markdown(evaluation: Mapping[str, Any]) -> str:
     for t in tasks:
         sizes = evaluation["sizes"].get(t, {})
         lines.append(
-            f"| {t} | {_pct(evaluation['validation'][t])} | {_pct(evaluation['test'][t])} |"
+            f"| {t} | {fmt(evaluation['validation'][t])} | {fmt(evaluation['test'][t])} |"
             f" {sizes.get('validation', '—')} / {sizes.get('test', '—')} |"
         )
     avg = evaluation["average"]
-    lines.append(f"| **average** | {_pct(avg['validation'])} | {_pct(avg['test'])} | |")
+    lines.append(f"| **average** | {fmt(avg['validation'])} | {fmt(avg['test'])} | |")
     if evaluation.get("excluded"):
         lines += ["", "Not merged (kept from the base; each task's own head where it has one): "]
         lines[-1] += ", ".join(evaluation["excluded"])
@@ -134,7 +145,7 @@ def evaluation_markdown(evaluation: Mapping[str, Any]) -> str:
             "|---|---|",
         ]
         best = evaluation["alpha"]
-        lines += [f"| {a:g}{' ←' if a == best else ''} | {_pct(s)} |" for a, s in evaluation["trace"]]
+        lines += [f"| {a:g}{' ←' if a == best else ''} | {fmt(s)} |" for a, s in evaluation["trace"]]
     return "\n".join(lines) + "\n"
 
 
@@ -147,10 +158,11 @@ def alpha_chart(evaluation: Mapping[str, Any], path: Path) -> None:
 
     points = sorted(evaluation["trace"]) or [(evaluation["alpha"], evaluation["average"]["validation"])]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([a for a, _ in points], [100 * s for _, s in points], "o-", ms=3)
+    scale, unit = (1.0, "") if evaluation["metric"] == "score" else (100.0, " (%)")
+    ax.plot([a for a, _ in points], [scale * s for _, s in points], "o-", ms=3)
     ax.axvline(evaluation["alpha"], color="#d95f02", ls="--", label=f"chosen α = {evaluation['alpha']:g}")
     ax.set_xlabel("α")
-    ax.set_ylabel(f"validation {evaluation['metric']} (%), mean over tasks")
+    ax.set_ylabel(f"validation {evaluation['metric']}{unit}, mean over tasks")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -33,7 +33,7 @@ from pactmerge.eval.alpha import AlphaSearch
 from pactmerge.eval.harness import add_averages, evaluate_merge, mean, result_row
 from pactmerge.eval.kinds import prepare
 from pactmerge.eval.kinds.common import EvalSpec, ModelEvaluator, hf_folder
-from pactmerge.eval.report import alpha_chart, evaluation_markdown, jsonable
+from pactmerge.eval.report import alpha_chart, evaluation_markdown, jsonable, score_format
 from pactmerge.lowrank import Delta, LowRankDelta, add_to
 
 
@@ -183,6 +183,7 @@ class MergeEvaluation:
     def card_section(self) -> str:
         """The model card's evaluation section."""
         r = self.result
+        fmt = score_format(r["metric"])
         how = (
             f"chosen on the validation split from {len(r['trace'])} values (`evaluation.search`)"
             if r["searched"]
@@ -191,12 +192,12 @@ class MergeEvaluation:
         lines = [
             "## Evaluation",
             "",
-            f"α = {r['alpha_label']}, {how}. Kind `{r['kind']}`, metric {r['metric']} (%):",
+            f"α = {r['alpha_label']}, {how}. Kind `{r['kind']}`, metric {r['metric']}:",
             "",
             "| task | validation | test |",
             "|---|---|---|",
-            *[f"| {t} | {100 * r['validation'][t]:.1f} | {100 * r['test'][t]:.1f} |" for t in r["tasks"]],
-            f"| average | {100 * r['average']['validation']:.1f} | {100 * r['average']['test']:.1f} |",
+            *[f"| {t} | {fmt(r['validation'][t])} | {fmt(r['test'][t])} |" for t in r["tasks"]],
+            f"| average | {fmt(r['average']['validation'])} | {fmt(r['average']['test'])} |",
             "",
         ]
         if r["excluded"]:

@@ -46,6 +46,7 @@ class ChoiceItems:
     sequences: list[list[int]]  # one per (item, choice)
     starts: list[int]  # index of each sequence's first choice token
     item_of: list[int]  # the item each sequence belongs to
+    choice_of: list[int]  # which of its item's choices it is
     answers: Tensor  # (items,) index of the right choice
 
 
@@ -83,8 +84,7 @@ class CausalLMData(Prepared):
             require_splits(rows, ("validation", "test"))
             prompt, answer = tcfg.prompt or "prompt", tcfg.answer or "answer"
             choices = tcfg.choices or "choices"
-            first = next(iter(rows.splits.values()))[0]
-            multiple_choice = tcfg.choices is not None or choices in first
+            multiple_choice = tcfg.choices is not None or any(choices in r for rs in rows.splits.values() for r in rs)
             require_columns(rows, [prompt, answer] + ([choices] if multiple_choice else []))
             self.items[name], self.sizes[name] = {}, {}
             longest = 0
@@ -107,7 +107,7 @@ class CausalLMData(Prepared):
         return list(self.tokenizer(text)["input_ids"])[-max_length:]
 
     def _choices(self, rows: list[dict[str, Any]], prompt: str, choices: str, answer: str, where: str, max_length: int):
-        seqs, starts, item_of, answers = [], [], [], []
+        seqs, starts, item_of, choice_of, answers = [], [], [], [], []
         for i, r in enumerate(rows):
             options = r[choices]
             if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
@@ -122,7 +122,7 @@ class CausalLMData(Prepared):
                 )
             answers.append(a)
             p = list(self.tokenizer(str(r[prompt]))["input_ids"])
-            for option in options:
+            for k, option in enumerate(options):
                 c = self._ids(option)
                 if not c:
                     raise PactMergeError(f"{where} row {i + 1}: choice {option!r} has no tokens")
@@ -130,7 +130,8 @@ class CausalLMData(Prepared):
                 seqs.append(seq)
                 starts.append(max(1, len(seq) - len(c)))
                 item_of.append(i)
-        return ChoiceItems(seqs, starts, item_of, torch.tensor(answers, dtype=torch.long))
+                choice_of.append(k)
+        return ChoiceItems(seqs, starts, item_of, choice_of, torch.tensor(answers, dtype=torch.long))
 
     def evaluator(self) -> CausalLMEvaluator:
         return CausalLMEvaluator(self)
@@ -143,7 +144,7 @@ class CausalLMData(Prepared):
             raise PactMergeError(f"evaluation.tasks.{task}: no {split} split (see docs/evaluate.md#splits)")
         items = self.items[task][split]
         if isinstance(items, ChoiceItems):
-            right = [j for j, i in enumerate(items.item_of) if _choice_index(items, j) == int(items.answers[i])]
+            right = [j for j, i in enumerate(items.item_of) if items.choice_of[j] == int(items.answers[i])]
             seqs = [items.sequences[j] for j in right]
         else:
             seqs = items.prompts
@@ -151,14 +152,6 @@ class CausalLMData(Prepared):
         for start in range(0, len(order), batch_size):
             ids, mask = pad_right([seqs[i] for i in order[start : start + batch_size]], self.pad_id)
             yield {"input_ids": ids, "attention_mask": mask}
-
-
-def _choice_index(items: ChoiceItems, j: int) -> int:
-    """Which choice of its item sequence ``j`` is."""
-    i, k = items.item_of[j], 0
-    while j - k - 1 >= 0 and items.item_of[j - k - 1] == i:
-        k += 1
-    return k
 
 
 def pad_right(seqs: Sequence[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -230,11 +223,9 @@ class CausalLMEvaluator(ModelEvaluator):
         n = len(items.answers)
         best = torch.full((n,), float("-inf"), dtype=torch.float64)
         pred = torch.zeros(n, dtype=torch.long)
-        seen = [0] * n
         for j, i in enumerate(items.item_of):
             if scores[j] > best[i]:  # strictly: ties keep the first choice
-                best[i], pred[i] = scores[j], seen[i]
-            seen[i] += 1
+                best[i], pred[i] = scores[j], items.choice_of[j]
         return float((pred == items.answers).float().mean())
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, desc: str = "generate") -> list[str]:

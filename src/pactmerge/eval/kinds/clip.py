@@ -174,7 +174,13 @@ class ClipEvaluator(ModelEvaluator):
         device = next(self.model.parameters()).device
         out = []
         for c in classes:
-            enc = self.data.tokenizer([t.format(c) for t in templates], padding=True, return_tensors="pt")
+            enc = self.data.tokenizer(
+                [t.format(c) for t in templates],
+                padding=True,
+                truncation=True,
+                max_length=self.model.config.text_config.max_position_embeddings,
+                return_tensors="pt",
+            )
             emb = _features(self.model.get_text_features(**{k: v.to(device) for k, v in enc.items()}))
             out.append(F.normalize(F.normalize(emb.float(), dim=-1).mean(0), dim=0))
         return torch.stack(out).cpu()
