@@ -94,5 +94,5 @@ def config_to_yaml(cfg: MergeConfig) -> str:
     for m in d["models"]:
         m["model"] = ref(m["model"])
     if cfg.evaluation is not None:  # as the user gave it
-        d["evaluation"] = cfg.evaluation.model_dump(mode="json", exclude_unset=True)
+        d["evaluation"] = cfg.evaluation.model_dump(mode="json", exclude_unset=True, exclude_none=True)
     return yaml.safe_dump(d, sort_keys=False)
