@@ -68,17 +68,18 @@ def main() -> None:
             "labels": task.labels,
             "prompts": dict(zip(task.labels, task.prompts)),
         }
-    common = {
+    plain = {
         "base_model": str(base.path),
-        "models": [{"model": str(finetuned[n]), "task": n} for n in tasks],
+        "models": [str(finetuned[n]) for n in tasks],
         "method": "iso_c",
         "parameters": {"rank_aware": True},
         "pact": {"K": 15, "k": 8},
         "exclude": FROZEN,
     }
+    common = {**plain, "models": [{"model": str(finetuned[n]), "task": n} for n in tasks]}
     evaluation = {"kind": "zero-shot-text", "tasks": eval_tasks, "batch_size": 128, "max_length": MAX_TOKENS}
     runs = {
-        "fixed alpha = 3.75": {**common, "alpha": 3.75},
+        "fixed alpha = 3.75": {**plain, "alpha": 3.75},
         "alpha: search": {**common, "alpha": "search", "evaluation": evaluation},
         "alpha: search, coarse 0.5": {
             **common,

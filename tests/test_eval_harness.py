@@ -273,7 +273,7 @@ def test_bench_suite_option_selects_the_named_tasks():
     with pytest.raises(ValueError, match="not both"):
         bench_plan(suite="text6", tasks="wn_pos", progress=False)
     _, demo = bench_plan(preset="demo", progress=False)
-    assert demo.per_class is None and demo.search is not None and demo.search.coarse_step == 0.5
+    assert demo.per_class is None and demo.search is None  # the whole validation split, the bench's rule
     _, lora = bench_plan(lora=True, steps=9, progress=False)
     assert lora.lora.steps == 9 and (lora.K, lora.k) == (7, 4) and lora.out_dir == Path("bench_out_lora")
 
