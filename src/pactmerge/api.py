@@ -83,7 +83,7 @@ def _write(inputs, output_dir: Path, device, overwrite: bool, progress: bool, se
         card = _merge_card(cfg, inputs, files, copied, time.perf_counter() - start)
         if session is not None:  # evaluation.{json,md,png}, per-task folders, the card's section
             session.write_files(tmp, files)
-            card += "\n" + session.card_section()
+            card += "\n## Evaluation\n\n" + session.card_section()
         (tmp / "README.md").write_text(card)
     return output_dir
 
@@ -127,7 +127,7 @@ def _write_adapter(inputs, output_dir: Path, device, overwrite: bool, progress: 
         card += _adapter_section(report, cfg.adapter_rank)
         if session is not None:
             session.write_files(tmp, [])
-            card += "\n" + session.card_section()
+            card += "\n## Evaluation\n\n" + session.card_section()
         (tmp / "README.md").write_text(card)
     return output_dir
 

@@ -181,7 +181,7 @@ class MergeEvaluation:
         return written
 
     def card_section(self) -> str:
-        """The model card's evaluation section."""
+        """The model card's evaluation section, without its heading (markdown)."""
         r = self.result
         fmt = score_format(r["metric"])
         how = (
@@ -190,8 +190,6 @@ class MergeEvaluation:
             else "fixed in the config"
         )
         lines = [
-            "## Evaluation",
-            "",
             f"α = {r['alpha_label']}, {how}. Kind `{r['kind']}`, metric {r['metric']}:",
             "",
             "| task | validation | test |",
