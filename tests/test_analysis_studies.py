@@ -326,7 +326,9 @@ def test_studies_end_to_end(tiny, tiny_suite, registered):
     )
     assert res["tasks"] == ["t1", "t2"] and res["config"]["suite"] == "tiny"
     name = "encoder.layer.0.attention.self.query.weight"
-    assert tiny_suite.evaluator.state[name].equal(tiny_suite.evaluator.base[name])  # evaluator left at the base
+    assert tiny_suite.evaluator.weights.state[name].equal(
+        tiny_suite.evaluator.weights.base[name]
+    )  # evaluator left at the base
     metrics = json.loads((out / "metrics.json").read_text())
     assert "studies" not in metrics and metrics["config"]["pact"]["K"] == 4
 

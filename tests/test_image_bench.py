@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from pactmerge.eval import image_bench as ib
 from pactmerge.eval.images import SPLITS, ImageTask, load_image_tasks, to_input
+from pactmerge.eval.suites import image as ib
 
 # -- 1 x 1 convolutions as matrices ---------------------------------------------------------------
 
@@ -227,7 +227,7 @@ def test_task_bn_policy_uses_each_tasks_own_statistics(tmp_path):
     net.load_state_dict(base.reference)
     heads = {n: {"weight": torch.randn(2, 1280), "bias": torch.zeros(2)} for n in tasks}
     ev = ib.ImageEvaluator(net, base, tasks, heads, 32, bn="task", bn_images=5)
-    ev.accuracy("validation")
+    ev.scores("validation")
     ev._use_task_stats("b")
     got = {n: t.clone() for n, t in ev.state.items() if "running_" in n}
     ref = ib.build_network(32)
@@ -239,7 +239,7 @@ def test_task_bn_policy_uses_each_tasks_own_statistics(tmp_path):
     assert not torch.allclose(got["_bn0.running_mean"], base.reference["_bn0.running_mean"])
     # The pretrained policy leaves the statistics alone.
     ev.set_merged({}, 0.0, bn="pretrained")
-    ev.accuracy("validation")
+    ev.scores("validation")
     assert torch.equal(ev.state["_bn0.running_mean"], base.reference["_bn0.running_mean"])
 
 
@@ -282,7 +282,7 @@ def test_to_input_shapes_and_range():
 
 
 def test_run_image_bench_report_works_with_markdown_table(tmp_path):
-    from pactmerge.eval.bench import markdown_table
+    from pactmerge.eval.report import markdown_table
 
     weights = _random_weights(tmp_path)
     tasks = {"a": _tiny_task("a", 3, seed=1), "b": _tiny_task("b", 4, seed=2, rgb=True)}

@@ -188,7 +188,7 @@ def test_ties_per_model_density_property(m, n, densities, seed, dtype):
     np.testing.assert_allclose(out.numpy() - b64, ref, atol=1e-12)
     # Invariant: each task keeps max(1, floor(d_t n)) entries, so every merged entry is one a task kept.
     kept_any = sum(
-        np.abs(d["w"]) >= np.sort(np.abs(d["w"]).ravel())[::-1][max(1, int(dt * m * n)) - 1]
+        np.abs(d["w"]) >= np.sort(np.abs(d["w"]).ravel())[::-1][max(1, int(dt * (m * n))) - 1]
         for d, dt in zip(deltas, densities)
     )
     assert np.all((out.numpy() - b64)[kept_any == 0] == 0)

@@ -2,6 +2,7 @@
 
 Public API (see README):
     merge(config, output_dir=None, ...)   -> merged state dict (in memory) or a written HF folder
+    evaluate(config, models=(...), ...)   -> the table of base / fine-tuned / merged models on the test split
     MergeConfig                             the validated configuration
     materialize(out_dir, task, dest, ...)   task t's own model from a merge with per-task outputs
 """
@@ -10,7 +11,7 @@ __version__ = "0.1.0"
 
 from pactmerge.errors import PactMergeError
 
-__all__ = ["__version__", "PactMergeError", "merge", "MergeConfig", "materialize"]
+__all__ = ["__version__", "PactMergeError", "merge", "evaluate", "MergeConfig", "materialize"]
 
 
 def __getattr__(name):
@@ -23,6 +24,10 @@ def __getattr__(name):
         from pactmerge.modulators import materialize
 
         return materialize
+    if name == "evaluate":
+        from pactmerge.eval.session import evaluate
+
+        return evaluate
     if name == "MergeConfig":
         from pactmerge.config import MergeConfig
 

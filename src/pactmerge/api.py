@@ -66,14 +66,24 @@ def merge(
     }
     if output_dir is not None:
         prepare_target(output_dir, **guard)
+    session = None
+    if cfg.evaluation is not None:  # the tasks are read and checked, and the evaluator loaded, first
+        from pactmerge.eval.session import MergeEvaluation
+
+        session = MergeEvaluation(cfg, dev, progress)
+        cfg = session.merge_config
     inputs = open_inputs(cfg)
     try:
         check_output(inputs)
+        if session is not None:
+            session.run(inputs)  # one streamed merge; alpha chosen on the validation split
+            if output_dir is None:
+                return dict(session.params(inputs))
         if output_dir is None:
             return dict(iter_merged_params(inputs, dev, progress))
         if cfg.output == "adapter":
-            return _write_adapter(inputs, Path(output_dir), dev, guard, progress)
-        return _write(inputs, Path(output_dir), dev, guard, progress)
+            return _write_adapter(inputs, Path(output_dir), dev, guard, progress, session)
+        return _write(inputs, Path(output_dir), dev, guard, progress, session)
     finally:
         inputs.close()
 
@@ -88,9 +98,17 @@ def check_output(inputs) -> None:
         check_chat_template(inputs.base.folder)
 
 
-def _card(inputs, output_dir: Path, files: list[str], copied: list[str], seconds: float) -> str:
+def _card(
+    cfg: MergeConfig,
+    inputs,
+    output_dir: Path,
+    files: list[str],
+    copied: list[str],
+    seconds: float,
+    evaluation: str | None = None,
+) -> str:
     return card.model_card(
-        inputs.cfg,
+        cfg,
         base_label=inputs.base.label,
         model_labels=[s.label for s in inputs.models],
         base_folder=inputs.base.folder,
@@ -99,11 +117,12 @@ def _card(inputs, output_dir: Path, files: list[str], copied: list[str], seconds
         copied=copied,
         seconds=seconds,
         title=output_dir.name or None,
+        evaluation=evaluation,
     )
 
 
-def _write(inputs, output_dir: Path, device, guard: dict, progress: bool) -> Path:
-    cfg = inputs.cfg
+def _write(inputs, output_dir: Path, device, guard: dict, progress: bool, session=None) -> Path:
+    cfg = session.output_config if session is not None else inputs.cfg
     start = time.perf_counter()
     layout = output_layout(inputs)
     with atomic_output_dir(output_dir, **guard) as tmp:
@@ -119,8 +138,12 @@ def _write(inputs, output_dir: Path, device, guard: dict, progress: bool) -> Pat
                 base_model=_path_or_none(cfg.base_model),
             )
         sink = (lambda info, mods: modulators.add(info.name, info.shape, mods)) if modulators else None
+        if session is not None:
+            params = session.params(inputs)
+        else:
+            params = iter_merged_params(inputs, device, progress, on_modulators=sink)
         try:
-            for name, tensor in iter_merged_params(inputs, device, progress, on_modulators=sink):
+            for name, tensor in params:
                 writer.add(name, tensor)
             files = writer.close()
         except BaseException:
@@ -138,7 +161,11 @@ def _write(inputs, output_dir: Path, device, guard: dict, progress: bool) -> Pat
         if cfg.chat_template is not None:
             set_chat_template(tmp, cfg.chat_template)
         (tmp / "pactmerge_config.yaml").write_text(config_to_yaml(cfg))
-        text = _card(inputs, output_dir, files, copied, time.perf_counter() - start)
+        evaluation = None
+        if session is not None:  # evaluation.{json,md,png}, per-task folders, the card's section
+            session.write_files(tmp, files)
+            evaluation = session.card_section()
+        text = _card(cfg, inputs, output_dir, files, copied, time.perf_counter() - start, evaluation)
         if modulators is not None:
             text += _modulators_section(output_dir, len(inputs.models))
         (tmp / "README.md").write_text(text)
@@ -162,7 +189,7 @@ def _modulators_section(output_dir: Path, num_tasks: int) -> str:
     )
 
 
-def _write_adapter(inputs, output_dir: Path, device, guard: dict, progress: bool) -> Path:
+def _write_adapter(inputs, output_dir: Path, device, guard: dict, progress: bool, session=None) -> Path:
     """``output: adapter``: the merged update ``alpha * merged`` as a PEFT LoRA adapter folder."""
     from pactmerge.config import DTYPES
     from pactmerge.engine import iter_merged_deltas
@@ -171,7 +198,7 @@ def _write_adapter(inputs, output_dir: Path, device, guard: dict, progress: bool
     from pactmerge.io.lora import LoraSource
     from pactmerge.lowrank import scale_delta
 
-    cfg = inputs.cfg
+    cfg = session.output_config if session is not None else inputs.cfg
     if cfg.pipeline.method.spec.task_specific:
         raise PactMergeError(
             f"output: adapter cannot carry the per-task outputs of method {cfg.method!r}; use output: dense"
@@ -183,11 +210,15 @@ def _write_adapter(inputs, output_dir: Path, device, guard: dict, progress: bool
     base_name = str(cfg.base_model) if isinstance(cfg.base_model, (str, os.PathLike)) else None
     start = time.perf_counter()
     with atomic_output_dir(output_dir, **guard) as tmp:
-        updates = (
-            (info, _finite_update(info.name, scale_delta(merged, cfg.alpha), cfg.allow_nonfinite))
-            for info, _, merged in iter_merged_deltas(inputs, device, progress, lowrank=True)
-            if merged is not None
-        )
+        if session is not None:
+            scaled = session.adapter_updates(inputs)
+        else:
+            scaled = (
+                (info, scale_delta(merged, cfg.fixed_alpha))
+                for info, _, merged in iter_merged_deltas(inputs, device, progress, lowrank=True)
+                if merged is not None
+            )
+        updates = ((info, _finite_update(info.name, u, cfg.allow_nonfinite)) for info, u in scaled)
         report = write_adapter(
             tmp,
             updates,
@@ -197,7 +228,12 @@ def _write_adapter(inputs, output_dir: Path, device, guard: dict, progress: bool
             dtype_of=lambda info: out_dtype or info.dtype,
         )
         (tmp / "pactmerge_config.yaml").write_text(config_to_yaml(cfg))
-        text = _card(inputs, output_dir, ["adapter_model.safetensors"], [], time.perf_counter() - start)
+        evaluation = None
+        if session is not None:
+            session.write_files(tmp, [])
+            evaluation = session.card_section()
+        seconds = time.perf_counter() - start
+        text = _card(cfg, inputs, output_dir, ["adapter_model.safetensors"], [], seconds, evaluation)
         (tmp / "README.md").write_text(text + "\n" + card.adapter_section(report, cfg.adapter_rank))
     return output_dir
 
@@ -221,6 +257,10 @@ def dry_run(config: MergeConfig | dict | str | os.PathLike, progress: bool = Fal
     from pactmerge.plan import check_finite
 
     cfg = load_config(config)
+    if cfg.evaluation is not None:  # the tasks' data, columns, labels, splits and the evaluated model
+        from pactmerge.eval.session import MergeEvaluation
+
+        cfg = MergeEvaluation(cfg, resolve_device("cpu")).merge_config
     inputs = open_inputs(cfg)
     try:
         check_output(inputs)

@@ -116,6 +116,9 @@ def merge(
             config, output_dir, device=device.value, overwrite=overwrite, force=force, progress=progress, **extra
         )
         typer.echo(f"wrote {out}")
+        summary = Path(str(out)) / "evaluation.md"
+        if summary.exists():  # an `evaluation:` block: say what it chose
+            typer.echo(summary.read_text().split("\n\n")[1])
         if push_to_hub is not None:
             typer.echo(f"uploaded to {push_folder(output_dir, push_to_hub, private=private)}")
 
@@ -154,50 +157,11 @@ from pactmerge.analysis.cli import analyze_command  # noqa: E402
 app.command("analyze")(analyze_command)
 
 
-@app.command("bench")
-def bench(
-    suite: str = typer.Option(
-        None, help="Named suite: text6 (default), text12, text20 (MiniLM, text), image (EfficientNet-Lite0)."
-    ),
-    tasks: str = typer.Option(None, help="Comma-separated tasks (default: the text6 suite)."),
-    methods: str = typer.Option(None, help="Comma-separated row keys, e.g. ta,pact-ta,isoc (default: all)."),
-    steps: int = typer.Option(None, help="Fine-tuning steps per task (default 120, image 300; 30 with --quick)."),
-    seed: int = typer.Option(0, help="Fine-tuning seed."),
-    cache_dir: Path = typer.Option(
-        None, help="Fine-tune cache (default $PACTMERGE_CACHE or ~/.cache/pactmerge/bench)."
-    ),
-    out: Path = typer.Option(
-        None,
-        help="Folder for results.json, results.md, results.png (default bench_out, bench_out_lora, bench_out_image).",
-    ),
-    quick: bool = typer.Option(False, "--quick", help="Smoke run: few steps, few items, headline rows."),
-    pact_rank: str = typer.Option(None, help="PACT K,k (default 15,8; 7,4 with --lora; CSP rank and S-PACT K use K)."),
-    alpha_max: float = typer.Option(20.0, help="Upper limit of the extended alpha search."),
-    progress: bool = typer.Option(sys.stderr.isatty(), "--progress/--no-progress", help="Show progress bars."),
-    lora: bool = typer.Option(False, "--lora", help="LoRA benchmark: rank-16 PEFT adapters, merged in low-rank form."),
-    image_head: str = typer.Option(None, help="--suite image only: the frozen task heads, cosine (default) or probe."),
-):
-    """Fine-tune MiniLM on six built-in tasks, merge with every method, report accuracy (offline, CPU)."""
-    from pactmerge.eval.bench import bench_command
+# `bench` and `evaluate` live with the evaluation harness; nothing heavy is imported until they run.
+from pactmerge.eval.cli import bench_command, evaluate_command  # noqa: E402
 
-    try:
-        bench_command(
-            tasks=tasks,
-            methods=methods,
-            steps=steps,
-            seed=seed,
-            cache_dir=cache_dir,
-            out=out,
-            quick=quick,
-            pact_rank=pact_rank,
-            alpha_max=alpha_max,
-            progress=progress,
-            lora=lora,
-            suite=suite,
-            image_head=image_head,
-        )
-    except (PactMergeError, ValueError) as e:
-        _fail(e)
+app.command("bench")(bench_command)
+app.command("evaluate")(evaluate_command)
 
 
 def main():  # pragma: no cover

@@ -27,7 +27,7 @@ replacement; the shared vector is what the engine yields, and the modulators go 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -244,8 +244,7 @@ def iter_merged_deltas(
     stats = prepare_stats(inputs, device, progress)
     for info in tqdm(inputs.plan.params, desc="merging", unit="param", disable=not progress, file=sys.stderr):
         if info.kind == "copy":  # from the base, or an extra parameter from the model that has it
-            owner = inputs.plan.copied_from.get(info.name)
-            yield info, (inputs.base if owner is None else inputs.models[owner]).get(info.name), None
+            yield info, copied_value(inputs, info), None
             continue
         ctx: ParamContext = make_context(cfg, info, stats)
         base, deltas = read_deltas(inputs, info, device, lowrank=True)
@@ -275,6 +274,36 @@ def output_layout(inputs: MergeInputs) -> list[tuple[str, tuple[int, ...], torch
     ]
 
 
+def copied_value(inputs: MergeInputs, info: ParamInfo) -> Tensor:
+    """A ``copy`` parameter's tensor: the base's, or an extra parameter's from the model holding it."""
+    owner = inputs.plan.copied_from.get(info.name)
+    return (inputs.base if owner is None else inputs.models[owner]).get(info.name)
+
+
+def output_params(
+    inputs: MergeInputs, merged: Iterable[tuple[ParamInfo, Tensor, Delta | None]], alpha: float
+) -> Iterator[tuple[str, Tensor]]:
+    """``(name, theta)`` with ``theta = theta_0 + alpha * merged`` in the output dtype, on the CPU,
+    from a stream of ``(info, base, merged_delta)`` as :func:`iter_merged_deltas` yields it (or a
+    replay of one kept in memory, as the alpha search does).
+
+    Unless ``allow_nonfinite``, every yielded tensor is finite (a :class:`PactMergeError` naming
+    the parameter otherwise, see :mod:`pactmerge.finite`)."""
+    cfg = inputs.cfg
+    out_dtype = DTYPES[cfg.out_dtype] if cfg.out_dtype else None
+    for info, base, d in merged:
+        if d is None:
+            if not cfg.allow_nonfinite:
+                check_output_finite(info.name, base)
+            yield info.name, base
+            continue
+        theta = add_to(base, d, alpha=alpha)
+        out = theta.to(dtype=out_dtype or info.dtype)
+        if not cfg.allow_nonfinite:  # one reduction; a float16/bfloat16 overflow on the cast is named as such
+            check_output_finite(info.name, out, theta)
+        yield info.name, out.cpu()
+
+
 def iter_merged_params(
     inputs: MergeInputs,
     device: str | torch.device = "cpu",
@@ -282,20 +311,6 @@ def iter_merged_params(
     on_modulators: Callable[[ParamInfo, list[Modulator]], None] | None = None,
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield ``(name, theta)`` with ``theta = theta_0 + alpha * merged`` in the output dtype, on the CPU
-    (``on_modulators``: see :func:`iter_merged_deltas`).
-
-    Unless ``allow_nonfinite``, every yielded tensor is finite (a :class:`PactMergeError` naming
-    the parameter otherwise, see :mod:`pactmerge.finite`)."""
-    cfg = inputs.cfg
-    out_dtype = DTYPES[cfg.out_dtype] if cfg.out_dtype else None
-    for info, base, merged in iter_merged_deltas(inputs, device, progress, lowrank=True, on_modulators=on_modulators):
-        if merged is None:
-            if not cfg.allow_nonfinite:
-                check_output_finite(info.name, base)
-            yield info.name, base
-            continue
-        theta = add_to(base, merged, alpha=cfg.alpha)
-        out = theta.to(dtype=out_dtype or info.dtype)
-        if not cfg.allow_nonfinite:  # one reduction; a float16/bfloat16 overflow on the cast is named as such
-            check_output_finite(info.name, out, theta)
-        yield info.name, out.cpu()
+    (``on_modulators``: see :func:`iter_merged_deltas`; the checks: see :func:`output_params`)."""
+    stream = iter_merged_deltas(inputs, device, progress, lowrank=True, on_modulators=on_modulators)
+    return output_params(inputs, stream, inputs.cfg.fixed_alpha)

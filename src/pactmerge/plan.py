@@ -96,6 +96,8 @@ def build_plan(cfg: MergeConfig, base: Source, models: list[Source]) -> Plan:
     from_base: dict[str, list[str]] = {}  # name -> labels of the models that lack it
     for src in models:
         for name in names:
+            if any(r.search(name) for r in excludes):
+                continue  # copied from the base: the models need not have it (e.g. a base's own task head)
             if name not in src:
                 if any(r.search(name) for r in excludes) or is_optional_buffer(name, arch_config):
                     from_base.setdefault(name, []).append(src.label)

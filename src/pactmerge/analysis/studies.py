@@ -45,7 +45,7 @@ class Suite:
     models: dict[str, Path]  # task -> fine-tuned model folder (also the task order)
     tasks: dict[str, Task]
     heads: dict[str, Tensor]
-    evaluator: Any  # pactmerge.eval.evaluate.Evaluator
+    evaluator: Any  # pactmerge.eval.kinds.zero_shot_text.ZeroShotTextEvaluator
     tokenizer: Any
     exclude: list[str] = field(default_factory=list)  # parameters the fine-tunes never train
     cached: dict[str, bool] = field(default_factory=dict)  # task -> fine-tune was found in the cache
@@ -64,7 +64,7 @@ class Suite:
     def accuracy(self, state: Mapping[str, Tensor], tasks: list[str], split: str = "test") -> dict[str, float]:
         """Accuracy of the model with weights ``state`` on ``split`` of each of ``tasks``."""
         self.evaluator.set_weights(state)
-        return self.evaluator.accuracy(split, tasks)
+        return self.evaluator.scores(split, tasks)
 
 
 def read_state(ref: str | os.PathLike) -> dict[str, Tensor]:
@@ -99,8 +99,6 @@ def build_suite(
         exclude: parameters never trained (default: the bench's frozen embeddings and pooler).
         log: called with a line for every task that has to be fine-tuned.
     """
-    from pactmerge.eval.bench import FROZEN, _quiet_transformers
-    from pactmerge.eval.evaluate import Evaluator
     from pactmerge.eval.finetune import (
         FinetuneConfig,
         default_cache_dir,
@@ -111,15 +109,18 @@ def build_suite(
         prepare_base,
     )
     from pactmerge.eval.heads import build_head
+    from pactmerge.eval.hf import quiet
+    from pactmerge.eval.kinds.zero_shot_text import ZeroShotTextEvaluator
+    from pactmerge.eval.suites.text import FROZEN
 
-    _quiet_transformers()
+    quiet()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     ft_cfg = finetune if finetune is not None else FinetuneConfig()
     base = prepare_base(base_model, cache)
     tokenizer = load_tokenizer(base.path)
     model = load_model(base.path).eval()
     heads = {n: build_head(model, tokenizer, t.prompts) for n, t in tasks.items()}
-    evaluator = Evaluator(model, tokenizer, tasks, heads)
+    evaluator = ZeroShotTextEvaluator(model, tokenizer, tasks, heads)
     models, cached = {}, {}
     for n, task in tasks.items():
         key = finetune_key(task, base, ft_cfg)

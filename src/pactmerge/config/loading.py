@@ -18,7 +18,7 @@ from pactmerge.validation import describe_validation_error
 
 def _format_validation_error(e: ValidationError, source: str) -> str:
     key, msg = describe_validation_error(e)
-    return f"{source}: config key '{key or '<root>'}': {msg}"
+    return f"{source}: config key '{key}': {msg}" if key else f"{source}: {msg}"
 
 
 def load_config(data: Mapping | str | os.PathLike | MergeConfig) -> MergeConfig:
@@ -84,6 +84,21 @@ def _resolve_paths(data: dict, base_dir: Path) -> dict:
         data["models"] = [
             {**m, "model": fix(m["model"])} if isinstance(m, dict) and "model" in m else fix(m) for m in data["models"]
         ]
+    evaluation = data.get("evaluation")
+    if isinstance(evaluation, dict):  # task data files and a python file, by the same rule
+        evaluation = data["evaluation"] = dict(evaluation)
+        if isinstance(evaluation.get("tasks"), dict):
+            tasks = {k: dict(v) if isinstance(v, dict) else v for k, v in evaluation["tasks"].items()}
+            evaluation["tasks"] = tasks
+            for task in tasks.values():
+                if isinstance(task, dict) and isinstance(task.get("data"), dict):
+                    task["data"] = {s: fix(p) for s, p in task["data"].items()}
+                elif isinstance(task, dict) and "data" in task:
+                    task["data"] = fix(task["data"])
+        fn = evaluation.get("function")
+        if isinstance(fn, str) and ".py:" in fn:
+            file, _, name = fn.rpartition(":")
+            evaluation["function"] = f"{fix(file)}:{name}"
     return data
 
 
@@ -97,4 +112,6 @@ def config_to_yaml(cfg: MergeConfig) -> str:
     d["base_model"] = ref(d["base_model"])
     for m in d["models"]:
         m["model"] = ref(m["model"])
+    if cfg.evaluation is not None:  # as the user gave it
+        d["evaluation"] = cfg.evaluation.model_dump(mode="json", exclude_unset=True, exclude_none=True)
     return yaml.safe_dump(d, sort_keys=False)

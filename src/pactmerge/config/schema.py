@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from pactmerge.config.evaluation import EvaluationConfig, check_model_tasks
 from pactmerge.errors import PactMergeError
 from pactmerge.io.writer import parse_size
 from pactmerge.pipeline import Pipeline, resolve_pipeline
@@ -30,6 +31,7 @@ class ModelEntry(StrictModel):
     weight: float = 1.0  # per-model weight for methods that have one (Task Arithmetic, weight_average, ...)
     # Per-model options of the method/filters (e.g. TIES's density), checked by pactmerge.pipeline.
     parameters: dict[str, Any] = Field(default_factory=dict)
+    task: str | None = None  # the evaluation task this model was fine-tuned for (evaluation.tasks)
 
     @model_validator(mode="before")
     @classmethod
@@ -61,7 +63,7 @@ class MergeConfig(StrictModel):
     base_model: Any
     models: list[ModelEntry] = Field(min_length=1)
     method: str = "task_arithmetic"
-    alpha: float = 1.0
+    alpha: float | Literal["search"] = 1.0  # "search": chosen on the validation split (needs `evaluation`)
     parameters: dict[str, Any] = Field(default_factory=dict)
     pact: dict[str, Any] | None = None
     filters: list[str | dict[str, dict[str, Any]]] | None = None
@@ -84,6 +86,7 @@ class MergeConfig(StrictModel):
     # Parameters a model has and the base lacks: an error (default), copied from the one model
     # that has them, or dropped (pactmerge.plan.extra_parameters).
     extra_parameters: Literal["error", "copy", "drop"] = "error"
+    evaluation: EvaluationConfig | None = None  # the user's tasks (pactmerge.eval.session, docs/evaluate.md)
 
     _pipeline: Pipeline | None = PrivateAttr(default=None)
     # The YAML text the config was loaded from (the model card quotes it), None for in-memory configs.
@@ -102,6 +105,13 @@ class MergeConfig(StrictModel):
     def _base_ref(cls, v):
         if not isinstance(v, str | os.PathLike | Mapping):
             raise ValueError("must be a path or a state dict")
+        return v
+
+    @field_validator("alpha", mode="before")
+    @classmethod
+    def _alpha(cls, v):
+        if isinstance(v, str) and v != "search":
+            raise ValueError(f"must be a number or 'search', not {v!r}")
         return v
 
     @field_validator("exclude")
@@ -126,7 +136,8 @@ class MergeConfig(StrictModel):
     def _numbers_fit(self):
         # alpha and the weights multiply tensors of the compute dtype: beyond its range torch
         # refuses the product (float32: |x| <= 3.4e38).
-        check_fits_dtype(self.alpha, self.compute_dtype, "alpha", "lower it or set dtype: float64")
+        if self.alpha != "search":
+            check_fits_dtype(self.alpha, self.compute_dtype, "alpha", "lower it or set dtype: float64")
         for i, m in enumerate(self.models):
             check_fits_dtype(m.weight, self.compute_dtype, f"models[{i}].weight", "lower it or set dtype: float64")
         if self.output == "adapter" and self.extra_parameters == "copy":
@@ -134,6 +145,13 @@ class MergeConfig(StrictModel):
                 "config key 'extra_parameters': copy cannot be used with output: adapter (an adapter holds"
                 " only updates of the base's weights)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _evaluation(self):
+        if self.alpha == "search" and self.evaluation is None:
+            raise ValueError("alpha: search chooses alpha on validation data; it needs an `evaluation:` block")
+        check_model_tasks([m.task for m in self.models], self.evaluation)
         return self
 
     @model_validator(mode="after")
@@ -157,6 +175,16 @@ class MergeConfig(StrictModel):
     def source_text(self) -> str | None:
         """The YAML text this config was loaded from, verbatim (None if it was built in memory)."""
         return self._source_text
+
+    @property
+    def fixed_alpha(self) -> float:
+        """``alpha`` as a number; ``alpha: search`` has none until an evaluation has chosen it."""
+        if isinstance(self.alpha, str):
+            raise PactMergeError(
+                "alpha: search is chosen on validation data by pactmerge.merge / `pactmerge merge` (the"
+                " evaluation block); this code path needs a number"
+            )
+        return float(self.alpha)
 
     @property
     def compute_dtype(self) -> torch.dtype:

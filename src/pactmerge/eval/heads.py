@@ -9,11 +9,13 @@ encoder is compared.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 LOGIT_SCALE = 20.0
 MAX_TOKENS = 32
@@ -59,16 +61,19 @@ def logits(emb: Tensor, head: Tensor) -> Tensor:
 
 
 @torch.no_grad()  # not inference_mode: heads built here are used under autograd
-def embed_all(model, tok: Tokenized, batch_size: int = 256, pad_id: int = 0) -> Tensor:
-    """Embeddings of every item, in the original order (batched by length to cut padding)."""
+def embed_all(model, tok: Tokenized, batch_size: int = 256, pad_id: int = 0, progress: bool = False) -> Tensor:
+    """(N, hidden) float32 CPU embeddings of every item, in the original order (batched by length to
+    cut padding; the forward passes run on the model's device)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     order = sorted(range(len(tok)), key=lambda i: len(tok.ids[i]))
     out = torch.empty((len(tok), model.config.hidden_size))
-    for start in range(0, len(order), batch_size):
+    steps = range(0, len(order), batch_size)
+    for start in tqdm(steps, desc="encoding", unit="batch", disable=not progress, leave=False, file=sys.stderr):
         index = order[start : start + batch_size]
         ids, mask = tok.batch(index, pad_id)
-        out[index] = embed(model, ids, mask).float()
+        out[index] = embed(model, ids.to(device), mask.to(device)).float().cpu()
     model.train(was_training)
     return out
 

@@ -318,7 +318,8 @@ class Task:
         """At most ``per_class[split]`` items of every class (the first ones, so still balanced)."""
         splits = {}
         for s, (texts, ys) in self.splits.items():
-            cap, seen, keep = per_class.get(s), {}, []
+            cap, keep = per_class.get(s), []
+            seen: dict[int, int] = {}
             for i, y in enumerate(ys):
                 if cap is None or seen.get(y, 0) < cap:
                     seen[y] = seen.get(y, 0) + 1

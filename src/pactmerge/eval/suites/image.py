@@ -7,11 +7,9 @@ images of the eight tasks in :mod:`pactmerge.eval.images`.
 Pipeline: the pretrained state dict is re-saved into the cache as ``model.safetensors`` with every
 1 x 1 convolution stored as a matrix -> task heads fitted on the pretrained features and
 frozen (:class:`HeadConfig`: cosine class-mean heads by default, linear probes on request) -> one
-fine-tune per task (the backbone only), cached the same way -> for every row of
-:func:`pactmerge.eval.bench.default_rows`, one streamed merge (``bench.merged_task_vector``) whose
-merged task vector is scaled by each alpha of the validation search -> test accuracy at the chosen
-alpha. The report has ``run_bench``'s structure, so ``bench.markdown_table`` / ``write_outputs``
-print and save it.
+fine-tune per task (the backbone only), cached the same way -> the shared row loop
+(:func:`pactmerge.eval.harness.run_rows`) over :func:`pactmerge.eval.rows.default_rows`. The report
+has the text suites' structure, so :mod:`pactmerge.eval.report` prints and saves it.
 
 **1 x 1 convolutions as matrices.** The engine treats 2-D parameters as matrices and every other
 floating-point parameter elementwise. A 1 x 1 convolution (out, in, 1, 1) *is* the matrix
@@ -47,19 +45,23 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pactmerge.eval.alpha import AlphaChoice, search_alpha
-from pactmerge.eval.bench import _jsonable, add_averages, result_row
-from pactmerge.eval.evaluate import mean
-from pactmerge.eval.finetune import _file_sha, _save_atomic, default_cache_dir
+from pactmerge.eval.alpha import AlphaSearch
+from pactmerge.eval.cache import default_cache_dir, file_sha, save_atomic
+from pactmerge.eval.harness import BenchSuite, add_averages, result_row, run_rows
 from pactmerge.eval.images import IMAGE_TASKS, ImageTask, load_image_tasks, to_input
+from pactmerge.eval.kinds.common import WeightSwap
+from pactmerge.eval.report import jsonable, write_outputs
+from pactmerge.eval.rows import default_rows, select_rows
 
 CODE_VERSION = "image-v1"
 MODEL_NAME = "efficientnet-lite0"
@@ -97,8 +99,9 @@ def build_network(image_size: int = 32) -> nn.Module:
     return net
 
 
-def features(net: nn.Module, x: Tensor) -> Tensor:
-    """The pooled 1280-d features (after the head convolution, its BatchNorm and ReLU6)."""
+def features(net: Any, x: Tensor) -> Tensor:
+    """The pooled 1280-d features (after the head convolution, its BatchNorm and ReLU6) of an
+    EfficientNet from :func:`build_network`."""
     return F.adaptive_avg_pool2d(net.extract_features(x), 1).flatten(1)
 
 
@@ -124,7 +127,7 @@ def squeeze_1x1(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {n: (t.reshape(t.shape[0], t.shape[1]) if is_1x1(t) else t) for n, t in state.items()}
 
 
-def unsqueeze_1x1(state: dict[str, Tensor], reference: dict[str, Tensor]) -> dict[str, Tensor]:
+def unsqueeze_1x1(state: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Inverse of :func:`squeeze_1x1`: matrices whose ``reference`` is a 1 x 1 convolution get its shape."""
     out = {}
     for n, t in state.items():
@@ -276,7 +279,7 @@ def prepare_image_base(cache: Path, weights: Path | None = None) -> ImageBase:
     from safetensors.torch import load_file, save_file
 
     weights = Path(weights) if weights is not None else pretrained_path()
-    key = _digest({"model": MODEL_NAME, "weights": _file_sha(weights), "code": CODE_VERSION})
+    key = _digest({"model": MODEL_NAME, "weights": file_sha(weights), "code": CODE_VERSION})
     reference = torch.load(weights, map_location="cpu", weights_only=True)
     reference = {n: t.float() if t.is_floating_point() else t for n, t in reference.items() if not n.startswith("_fc.")}
 
@@ -284,7 +287,7 @@ def prepare_image_base(cache: Path, weights: Path | None = None) -> ImageBase:
         save_file({n: t.contiguous() for n, t in squeeze_1x1(reference).items()}, str(tmp / "model.safetensors"))
         (tmp / "meta.json").write_text(json.dumps({"source": str(weights), "model": MODEL_NAME, "key": key}, indent=1))
 
-    dest = _save_atomic(cache / f"base-{key}", write)
+    dest = save_atomic(cache / f"base-{key}", write)
     loaded = load_file(str(dest / "model.safetensors"))
     if any(not torch.equal(loaded[n].reshape(t.shape), t) for n, t in reference.items()):
         raise RuntimeError(f"{dest}: cached base differs from {weights}; delete it")
@@ -318,7 +321,7 @@ def _task_seed(seed: int, name: str) -> int:
 def train_image(
     base: ImageBase,
     task: ImageTask,
-    head: tuple[Tensor, Tensor],
+    head: dict[str, Tensor],
     cfg: ImageFinetuneConfig,
     image_size: int,
     progress: bool = False,
@@ -355,7 +358,7 @@ def train_image(
 
 
 def finetune_key(
-    task: ImageTask, base: ImageBase, head: tuple[Tensor, Tensor], cfg: ImageFinetuneConfig, image_size: int
+    task: ImageTask, base: ImageBase, head: dict[str, Tensor], cfg: ImageFinetuneConfig, image_size: int
 ) -> str:
     return _digest(
         {
@@ -401,7 +404,7 @@ def get_image_finetuned(
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
-    return _save_atomic(dest, write)
+    return save_atomic(dest, write)
 
 
 def get_heads(
@@ -458,7 +461,7 @@ class ImageEvaluator:
         if bn not in ("pretrained", "task", "joint"):
             raise ValueError(f"bn must be 'pretrained', 'task' or 'joint', not {bn!r}")
         self.net = net.eval()
-        self.tasks, self.heads, self.bn = dict(tasks), dict(heads), bn
+        self.heads, self.bn = dict(heads), bn
         self.bn_batch, self.batch_size = bn_batch, batch_size
         self.inputs = {
             s: {n: (to_input(t.splits[s][0], image_size), t.splits[s][1]) for n, t in tasks.items()} for s in splits
@@ -470,27 +473,22 @@ class ImageEvaluator:
             self.bn_data[n] = to_input(x[torch.randperm(len(x), generator=gen)[:bn_images]], image_size)
         mixed = torch.cat(list(self.bn_data.values())) if self.bn_data else torch.empty(0)
         self.bn_mixed = mixed[torch.randperm(len(mixed), generator=gen)]  # every batch holds every task
-        self.state = self.net.state_dict()
+        self.tasks = list(tasks)
+        self.weights = WeightSwap(self.net.state_dict())
+        self.state = self.weights.state
         self.base = unsqueeze_1x1({n: t.clone() for n, t in base.reference.items()}, base.reference)
         self.set_weights({})
 
     # -- weights ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def set_weights(self, weights: dict[str, Tensor], bn: str | None = None) -> None:
+    def set_weights(self, weights: Mapping[str, Tensor], bn: str | None = None) -> None:
         """A network state dict (either form; names not given revert to the base)."""
-        weights = unsqueeze_1x1(weights, self.base)
-        for name, t in self.state.items():
-            t.copy_(weights[name] if name in weights else self.base[name])
+        full = unsqueeze_1x1(weights, self.base)
+        self.weights.set_weights({n: full.get(n, self.base[n]) for n in self.state})
         self._reset(bn)
 
-    @torch.no_grad()
-    def set_merged(self, merged: dict[str, Tensor], alpha: float, bn: str | None = None) -> None:
+    def set_merged(self, merged: Mapping[str, Tensor], alpha: float, bn: str | None = None) -> None:
         """theta_0 + alpha * merged (merge form) for the merged parameters, theta_0 elsewhere."""
-        merged = unsqueeze_1x1(merged, self.base)
-        for name, t in self.state.items():
-            t.copy_(self.base[name])
-            if name in merged and t.is_floating_point():
-                t.add_(merged[name].to(t.dtype), alpha=alpha)
+        self.weights.set_merged(unsqueeze_1x1(merged, self.base), alpha)
         self._reset(bn)
 
     def _reset(self, bn: str | None) -> None:
@@ -509,7 +507,7 @@ class ImageEvaluator:
             self.state[n].copy_(t)
 
     # -- accuracy -----------------------------------------------------------------------------
-    def accuracy(self, split: str, tasks: list[str] | None = None) -> dict[str, float]:
+    def scores(self, split: str, tasks: Sequence[str] | None = None) -> dict[str, float]:
         out = {}
         for n in tasks or list(self.tasks):
             if self.current_bn == "task":
@@ -520,32 +518,13 @@ class ImageEvaluator:
         return out
 
 
-def evaluate_image_merge(
-    evaluator: ImageEvaluator, merged: dict[str, Tensor], fixed_alpha: float | None = None, **search
-):
-    """``eval.evaluate.evaluate_merge`` for the image evaluator: alpha on validation (mean over tasks;
-    BatchNorm handled per alpha as the evaluator's policy says), then both splits at that alpha."""
-
-    def val_score(alpha: float) -> float:
-        evaluator.set_merged(merged, alpha)
-        return mean(evaluator.accuracy("validation").values())
-
-    choice = (
-        AlphaChoice(fixed_alpha, val_score(fixed_alpha))
-        if fixed_alpha is not None
-        else search_alpha(val_score, **search)
-    )
-    evaluator.set_merged(merged, choice.alpha)
-    return choice, evaluator.accuracy("validation"), evaluator.accuracy("test")
-
-
 # -- the benchmark ---------------------------------------------------------------------------------
 
 
 @dataclass
 class ImageBenchConfig:
     tasks: tuple[str, ...] = IMAGE_TASKS
-    methods: tuple[str, ...] | None = None  # row keys of bench.default_rows; None = every row (about 8 min warm)
+    methods: tuple[str, ...] | None = None  # row keys of rows.default_rows; None = every row (about 8 min warm)
     finetune: ImageFinetuneConfig = field(default_factory=ImageFinetuneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     # PACT K,k (also CSP's rank and S-PACT's K). Smaller than the text suites' 15,8 because this
@@ -569,25 +548,14 @@ class ImageBenchConfig:
     chart: bool = True
 
 
-def _row_config(row, base: Path, models: list[Path], cfg: ImageBenchConfig) -> dict | str:
-    from pactmerge.eval import bench
-
-    out = bench._row_config(row, base, models, cfg)  # type: ignore[arg-type]  # reads cfg.dtype only
-    if isinstance(out, dict):
-        out["exclude"] = list(EXCLUDE)
-    return out
-
-
 def run_image_bench(
     cfg: ImageBenchConfig | None = None,
-    log=print,
-    tasks: dict[str, ImageTask] | None = None,
+    log: Callable[[str], None] = print,
+    tasks: Mapping[str, ImageTask] | None = None,
     weights: Path | None = None,
 ) -> dict:
-    """Run the image suite; returns a report with ``run_bench``'s structure. ``tasks`` replaces the
+    """Run the image suite; returns a report with the text suites' structure. ``tasks`` replaces the
     shipped tasks and ``weights`` the pretrained file (tests)."""
-    from pactmerge.eval.bench import default_rows, merged_task_vector
-
     cfg = cfg or ImageBenchConfig()
     t_start = time.perf_counter()
     if cfg.threads:
@@ -596,15 +564,7 @@ def run_image_bench(
     tasks = dict(tasks) if tasks is not None else load_image_tasks(cfg.tasks)
     if cfg.per_class:
         tasks = {n: t.subsample(cfg.per_class) for n, t in tasks.items()}
-    all_rows = default_rows(cfg.K, cfg.k)
-    if cfg.methods is not None:
-        known = {r.key for r in all_rows}
-        unknown = [m for m in cfg.methods if m not in known]
-        if unknown:
-            raise ValueError(f"unknown method row(s) {', '.join(unknown)}; known: {', '.join(r.key for r in all_rows)}")
-        rows = [r for r in all_rows if r.key in cfg.methods]
-    else:
-        rows = all_rows
+    rows = select_rows(default_rows(cfg.K, cfg.k), cfg.methods)
 
     base = prepare_image_base(cache, weights)
     net = build_network(cfg.image_size)
@@ -614,28 +574,60 @@ def run_image_bench(
     heads = get_heads(tasks, net, base, cfg.head, cache, cfg.image_size)
     probe_seconds = time.perf_counter() - t0
     evaluator = ImageEvaluator(net, base, tasks, heads, cfg.image_size, cfg.bn, cfg.bn_images, cfg.bn_batch)
+    log(f"base model {base.path}; {len(tasks)} tasks: {', '.join(tasks)}")
 
     t0 = time.perf_counter()
     ft_paths = {}
     for name, task in tqdm(
         tasks.items(), desc="fine-tuned models", unit="task", disable=not cfg.progress, file=sys.stderr
     ):
+        t1, trained = time.perf_counter(), len(TRAINED)
         ft_paths[name] = get_image_finetuned(task, heads[name], base, cfg.finetune, cache, cfg.image_size, cfg.progress)
+        how = f"trained in {time.perf_counter() - t1:.0f}s" if len(TRAINED) > trained else "cached"
+        log(f"fine-tune {name}: {how} ({ft_paths[name]})")
     finetune_seconds = time.perf_counter() - t0
 
-    results: list[dict] = []
+    def bn_references() -> list[dict]:
+        """Zero-shot and the fine-tunes under the configured BatchNorm re-estimation."""
+        if not cfg.bn_rows or cfg.bn == "pretrained":
+            return []
+        evaluator.set_weights({})
+        zs = result_row(
+            "zeroshot-bn",
+            f"zero-shot, BN re-estimated ({cfg.bn})",
+            evaluator.scores("test"),
+            evaluator.scores("validation"),
+        )
+        bt, bv = {}, {}
+        for name in tasks:
+            evaluator.set_weights(load_merge_state(ft_paths[name]))
+            bt[name] = evaluator.scores("test", [name])[name]
+            bv[name] = evaluator.scores("validation", [name])[name]
+        return [zs, result_row("finetuned-bn", f"fine-tuned, BN re-estimated ({cfg.bn})", bt, bv)]
 
-    def record(key, label, test, val=None, choice: AlphaChoice | None = None, fixed=False, **extra):
-        results.append(result_row(key, label, test, val, choice, fixed, **extra))
+    head_name = "linear probe" if cfg.head.kind == "probe" else "cosine class-mean head"
+    suite = BenchSuite(
+        evaluator=evaluator,
+        base_path=base.path,
+        finetuned=ft_paths,
+        exclude=EXCLUDE,
+        # Reference rows: every model as it was fitted / trained (pretrained BatchNorm statistics).
+        load_finetuned=lambda name: evaluator.set_weights(load_merge_state(ft_paths[name]), bn="pretrained"),
+        load_base=lambda: evaluator.set_weights({}, bn="pretrained"),
+        zero_shot_label=f"zero-shot ({head_name})",
+        zero_shot_validation=True,
+        extra_references=bn_references,
+        row_extra={"bn": cfg.bn},
+    )
 
-    def _report() -> dict:
+    def report(results: list[dict], ft_test: Mapping[str, float]) -> dict:
         add_averages(results, ft_test)
         return {
             "suite": "image",
             "tasks": list(tasks),
             "sizes": {n: {s: len(t.splits[s][1]) for s in t.splits} for n, t in tasks.items()},
             "classes": {n: t.num_classes for n, t in tasks.items()},
-            "config": _jsonable(asdict(cfg)),
+            "config": jsonable(asdict(cfg)),
             "model": MODEL_NAME,
             "base_model": str(base.path),
             "finetuned_models": {n: str(p) for n, p in ft_paths.items()},
@@ -645,100 +637,22 @@ def run_image_bench(
             "rows": results,
         }
 
-    # Reference rows: every model as it was fitted / trained (pretrained BatchNorm statistics).
-    evaluator.set_weights({}, bn="pretrained")
-    zs_test, zs_val = evaluator.accuracy("test"), evaluator.accuracy("validation")
-    ft_test, ft_val = {}, {}
-    for name in tasks:
-        evaluator.set_weights(load_merge_state(ft_paths[name]), bn="pretrained")
-        ft_test[name] = evaluator.accuracy("test", [name])[name]
-        ft_val[name] = evaluator.accuracy("validation", [name])[name]
-    for row in rows:
-        if row.key == "zeroshot":
-            record(
-                row.key,
-                f"zero-shot ({'linear probe' if cfg.head.kind == 'probe' else 'cosine class-mean head'})",
-                zs_test,
-                zs_val,
-            )
-        elif row.key == "finetuned":
-            record(row.key, "fine-tuned (each task its own model)", ft_test, ft_val)
-    if cfg.bn_rows and cfg.bn != "pretrained":
-        evaluator.set_weights({})
-        record(
-            "zeroshot-bn",
-            f"zero-shot, BN re-estimated ({cfg.bn})",
-            evaluator.accuracy("test"),
-            evaluator.accuracy("validation"),
-        )
-        bt, bv = {}, {}
-        for name in tasks:
-            evaluator.set_weights(load_merge_state(ft_paths[name]))
-            bt[name], bv[name] = (
-                evaluator.accuracy("test", [name])[name],
-                evaluator.accuracy("validation", [name])[name],
-            )
-        record("finetuned-bn", f"fine-tuned, BN re-estimated ({cfg.bn})", bt, bv)
-    log(f"zero-shot avg test {100 * mean(zs_test.values()):.1f}, fine-tuned {100 * mean(ft_test.values()):.1f}")
-
-    models = [ft_paths[n] for n in tasks]
-    merge_rows = [r for r in rows if r.methods]
-    for row in tqdm(merge_rows, desc="merge rows", unit="row", disable=not cfg.progress, file=sys.stderr):
-        mcfg = _row_config(row, base.path, models, cfg)
-        if isinstance(mcfg, str):
-            log(f"skip {row.label}: {mcfg}")
-            results.append({"key": row.key, "label": row.label, "skipped": mcfg})
-            continue
-        try:
-            merged, merge_s = merged_task_vector(mcfg)
-            t1 = time.perf_counter()
-            choice, val, test = evaluate_image_merge(evaluator, merged, row.fixed_alpha, max_alpha=cfg.alpha_max)
-        except Exception as e:  # one broken method must not cost the whole run
-            log(f"error in {row.label}: {type(e).__name__}: {e}")
-            results.append({"key": row.key, "label": row.label, "skipped": f"error: {type(e).__name__}: {e}"})
-            continue
-        record(
-            row.key,
-            row.label,
-            test,
-            val,
-            choice,
-            fixed=row.fixed_alpha is not None,
-            method=mcfg["method"],
-            parameters=mcfg["parameters"],
-            filters=mcfg["filters"],
-            merge_seconds=round(merge_s, 2),
-            eval_seconds=round(time.perf_counter() - t1, 2),
-            bn=cfg.bn,
-        )
-        log(
-            f"{row.label}: alpha {choice.label()} avg test {100 * mean(test.values()):.1f}  "
-            f"(merge {merge_s:.1f}s, {len(choice.trace)} alphas, {time.perf_counter() - t1:.0f}s eval)"
-        )
-        del merged
+    def checkpoint(results: list[dict], ft_test: dict[str, float]) -> None:
         if cfg.out_dir is not None:  # partial results survive an interrupted run
-            write_image_outputs(_report(), Path(cfg.out_dir), chart=False)
+            write_image_outputs(report(results, ft_test), Path(cfg.out_dir), chart=False)
 
-    report = _report()
+    search = AlphaSearch(max_alpha=cfg.alpha_max)
+    results, ft_test = run_rows(
+        suite, rows, dtype=cfg.dtype, search=search, log=log, progress=cfg.progress, checkpoint=checkpoint
+    )
+    out = report(results, ft_test)
     if cfg.out_dir is not None:
-        write_image_outputs(report, Path(cfg.out_dir), chart=cfg.chart)
-    return report
+        write_image_outputs(out, Path(cfg.out_dir), chart=cfg.chart)
+    return out
 
 
-def write_image_outputs(report: dict, out: Path, chart: bool = True) -> None:
-    """``bench.write_outputs`` (results.json, results.md, results.png) with this suite's chart title."""
-    from pactmerge.eval.bench import write_outputs
-
+def write_image_outputs(report: Mapping[str, Any], out: Path, chart: bool = True) -> None:
+    """``report.write_outputs`` (results.json, results.md, results.png) with this suite's chart title."""
     bn = report["config"].get("bn", "pretrained")
     title = f"pactmerge bench --suite image: EfficientNet-Lite0, {len(report['tasks'])} tasks, test split, BN {bn}"
     write_outputs(report, out, chart=chart, title=title)
-
-
-def image_bench_command(out: Path | None = None, **overrides) -> dict:
-    """Run with defaults overridden by keyword (``ImageBenchConfig`` fields), print the table."""
-    from pactmerge.eval.bench import markdown_table
-
-    cfg = replace(ImageBenchConfig(), **overrides, **({"out_dir": Path(out)} if out is not None else {}))
-    report = run_image_bench(cfg, log=lambda m: print(m, file=sys.stderr))
-    print(markdown_table(report))
-    return report

@@ -1,0 +1,132 @@
+"""The benchmark's method rows: which merges a suite reports, looked up in the registries at run time.
+
+A row whose method, filter or option is not registered is reported as skipped (never approximated
+by another method).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str  # short name for --methods
+    label: str
+    methods: tuple[str, ...] = ()  # registry names to try, first registered wins; () = a reference row
+    params: dict = field(default_factory=dict)
+    filters: tuple[tuple[str, dict], ...] = ()
+    fixed_alpha: float | None = None  # no search (weight averaging is alpha = 1 by definition)
+
+
+def _pact(K: int, k: int) -> tuple[str, dict]:
+    return ("pact", {"K": K, "k": k})
+
+
+def default_rows(K: int = 15, k: int = 8) -> list[Row]:
+    """Every method with and without PACT (K, k), both composition forms, CSP and S-PACT (rank K)."""
+    lit = {"rank_aware": False}
+    rows = [
+        Row("zeroshot", "zero-shot"),
+        Row("finetuned", "fine-tuned (each task its own model)"),
+        Row("wa", "weight averaging", ("weight_average",), fixed_alpha=1.0),
+        Row("ta", "Task Arithmetic", ("task_arithmetic",)),
+        Row("ties", "TIES", ("ties",)),
+        Row("consensus", "Consensus TA", ("consensus", "consensus_ta")),
+        Row("tsvm", "TSV-M", ("tsv_m",)),
+        Row("isoc", "Iso-C", ("iso_c",)),
+        Row("isocts", "Iso-CTS", ("iso_cts",)),
+        Row("pact-ta", "PACT-TA", ("task_arithmetic",), filters=(_pact(K, k),)),
+        Row("pact-tsvm", "PACT-TSV-M (well-posed)", ("tsv_m",), {"rank_aware": True}, (_pact(K, k),)),
+        Row("pact-tsvm-lit", "PACT-TSV-M (literal)", ("tsv_m",), lit, (_pact(K, k),)),
+        Row("pact-isoc", "PACT-Iso-C (well-posed)", ("iso_c",), {"rank_aware": True}, (_pact(K, k),)),
+        Row("pact-isoc-lit", "PACT-Iso-C (literal)", ("iso_c",), lit, (_pact(K, k),)),
+    ]
+    # CSP (post-merge core projection, fixed rank r = K) and S-PACT (static, core rank K).
+    for key, name, method in (("ta", "TA", "task_arithmetic"), ("tsvm", "TSV-M", "tsv_m"), ("isoc", "Iso-C", "iso_c")):
+        rows.append(Row(f"csp-{key}", f"CSP-{name}", (method,), filters=(("csp", {"rank": K}),)))
+    for key, name, method in (("ta", "TA", "task_arithmetic"), ("tsvm", "TSV-M", "tsv_m"), ("isoc", "Iso-C", "iso_c")):
+        rows.append(Row(f"spact-{key}", f"S-PACT-{name}", (method,), filters=(("s_pact", {"K": K}),)))
+    return rows
+
+
+def lora_rows(K: int = 7, k: int = 4, dare_p: float = 0.5) -> list[Row]:
+    """The LoRA benchmark's rows (the PACT paper's Table 5): PACT with (K, k) = (7, 4) under both
+    ways of taking an adapter's active subspace (exact top-k of B_tA_t, or the SVD of A_t)."""
+
+    def pact(**extra: Any) -> tuple[tuple[str, dict], ...]:
+        return (("pact", {"K": K, "k": k, **extra}),)
+
+    arows = {"lora_subspace": "a_rows"}
+    return [
+        Row("zeroshot", "zero-shot"),
+        Row("finetuned", "LoRA fine-tuned (each task its own adapter)"),
+        Row("ta", "Task Arithmetic", ("task_arithmetic",)),
+        Row("ties", "TIES", ("ties",)),
+        Row("dare-ties", "DARE-TIES", ("ties",), filters=(("dare", {"p": dare_p}),)),
+        Row("knots-ties", "KnOTS-TIES", ("knots",), {"base_method": "ties"}),
+        Row("knots-dare-ties", "KnOTS-DARE-TIES", ("knots",), {"base_method": "ties", "dare_p": dare_p}),
+        Row("isoc", "Iso-C", ("iso_c",)),
+        Row("isocts", "Iso-CTS", ("iso_cts",)),
+        Row("pact-ta", "PACT-TA (exact V_t)", ("task_arithmetic",), filters=pact()),
+        Row("pact-ta-arows", "PACT-TA (A-row V_t)", ("task_arithmetic",), filters=pact(**arows)),
+        Row("pact-isoc", "PACT-Iso-C (exact V_t)", ("iso_c",), filters=pact()),
+        Row("pact-isoc-arows", "PACT-Iso-C (A-row V_t)", ("iso_c",), filters=pact(**arows)),
+    ]
+
+
+def select_rows(rows: Sequence[Row], keys: Sequence[str] | None) -> list[Row]:
+    """The rows named by ``keys`` (in the rows' order), every row for None; unknown keys are refused."""
+    if keys is None:
+        return list(rows)
+    known = {r.key for r in rows}
+    unknown = [m for m in keys if m not in known]
+    if unknown:
+        raise ValueError(f"unknown method row(s) {', '.join(unknown)}; known: {', '.join(r.key for r in rows)}")
+    return [r for r in rows if r.key in keys]
+
+
+def row_config(row: Row, base: Path, models: Sequence[Path], exclude: Sequence[str], dtype: str) -> dict | str:
+    """The merge config of a row, or the reason it cannot run with what is registered."""
+    from pactmerge.registry import available_filters, available_methods, get_filter, get_method
+
+    methods = [m for m in row.methods if m in available_methods()]
+    if not methods:
+        return f"method {' / '.join(row.methods)} not registered"
+    method = methods[0]
+    fields = get_method(method).params.model_fields
+    missing = [p for p in row.params if p not in fields]
+    if missing:
+        return f"method {method} has no option {', '.join(missing)}"
+    filters = []
+    for name, params in row.filters:
+        if name not in available_filters():
+            return f"filter {name} not registered"
+        ffields = get_filter(name).params.model_fields
+        missing = [p for p in params if p not in ffields]
+        if missing:
+            return f"filter {name} has no option {', '.join(missing)}"
+        filters.append({name: dict(params)})
+    return {
+        "base_model": str(base),
+        "models": [str(m) for m in models],
+        "method": method,
+        "parameters": dict(row.params),
+        "filters": filters,
+        "exclude": list(exclude),
+        "dtype": dtype,
+    }
+
+
+def single_model_config(base: Path, model: Path, exclude: Sequence[str], dtype: str) -> dict:
+    """Task Arithmetic of one model: its own task vector, read by the code the merges use."""
+    return {
+        "base_model": str(base),
+        "models": [str(model)],
+        "method": "task_arithmetic",
+        "exclude": list(exclude),
+        "dtype": dtype,
+    }
