@@ -25,9 +25,16 @@ dtype, the model's storage dtype and the compute dtype) count as zero, so V_{t,k
 columns when Delta_t has lower rank: a zero task vector (a frozen layer) has no active subspace,
 and its LBW is the whole core. Without this, LAPACK's arbitrary null-space vectors -- or the few
 ulps a frozen layer picks up in a dtype round trip -- would decide the other tasks' protection.
+Such a task vector (no singular value above the level) is itself round-off, and the filter returns
+it as exact zeros.
 Measured: one rounding of theta_0 through bfloat16/float16 has 0.1-0.25 of that level, so a frozen
 layer stored in a coarser dtype than the base is recognised as unchanged; a genuine update of the
 benchmark's fine-tunes has its 15th singular value 1e4 times above it (float32 storage).
+
+A filtered task vector that is only the projection's round-off -- P_t spans the whole row space,
+or at most ``sqrt(eps)`` of ``||Delta_t||_F`` is left because Delta_t's row space lies inside
+span(P_t) -- is returned as exact zeros, so that the merging methods' relative null tests see it
+as zero (otherwise TSV-M's polar factors rotate other tasks' directions into its arbitrary ones).
 
 LoRA adapters (:class:`~pactmerge.lowrank.LowRankDelta`, ``Delta_t = B_t A_t``; PACT paper
 Section 5.2): V_{t,k} comes from the factors, never from an ``m x n`` SVD -- by default the exact
@@ -48,7 +55,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from pactmerge.errors import PactMergeError
-from pactmerge.linalg import orth, orth_qr, storage_noise_level, top_right_singular_vectors
+from pactmerge.linalg import null_rtol, orth, orth_qr, storage_noise_level, top_right_singular_vectors
 from pactmerge.lowrank import Delta, LowRankDelta, top_right_lowrank
 from pactmerge.registry import ParamContext, ParamInfo, Params, register_filter
 
@@ -117,6 +124,7 @@ class PactSubspaces:
     active: list[Tensor]  # V_{t,k}: (n, k_t) each, k_t <= k (0 for a zero task vector)
     lbw: list[Tensor]  # V_{t,LBW}: (n, d_t) each, d_t <= K'
     protect: list[Tensor]  # P_t: (n, p_t) each
+    zero: list[bool]  # Delta_t has no singular value above the round-off level (a frozen layer)
 
 
 def storage_eps(info: ParamInfo | None, compute: torch.dtype, task: int | None = None) -> float:
@@ -158,15 +166,23 @@ def pact_subspaces(base: Tensor, deltas: list[Delta], p: PactParams, ctx: ParamC
         return p.null_ulps * storage_eps(info, base.dtype, task) * level
 
     core = _top(base, K, atol(None), p, ctx, salt=0)
-    active = [_top(d, k, atol(t), p, ctx, salt=t + 1) for t, d in enumerate(deltas)]
+    # At least one direction, so that a zero task vector is recognised even when k = 0.
+    tops = [_top(d, max(k, 1), atol(t), p, ctx, salt=t + 1) for t, d in enumerate(deltas)]
+    active = [v[:, :k] for v in tops]
+    # Eqs. 5 and 8 on n x (T-1)K matrices, cheap next to the SVDs above: in float64, so that a
+    # nearly dependent wall direction (singular value g in the stacked bases) costs eps64 / g, not
+    # eps32 / g, of protection -- in float32 that reached 2e-4 relative on the 40 x 24 layer of issue 14.
+    work = base.dtype if base.device.type == "mps" else torch.float64  # MPS has no float64
     basis = orth_qr if p.orth == "qr" else (lambda a: orth(a, rtol=p.orth_rtol))
-    lbw = [basis(core - v @ (v.mT @ core)) for v in active]
+    core_w = core.to(work)
+    lbw_w = [basis(core_w - v @ (v.mT @ core_w)) for v in (a.to(work) for a in active)]
     protect = []
     for t in range(len(deltas)):
-        others = [lbw[j] for j in range(len(deltas)) if j != t]
-        stacked = torch.cat(others, dim=1) if others else base.new_zeros((base.shape[1], 0))
-        protect.append(basis(stacked))
-    return PactSubspaces(core, active, lbw, protect)
+        others = [lbw_w[j] for j in range(len(deltas)) if j != t]
+        stacked = torch.cat(others, dim=1) if others else core_w.new_zeros((base.shape[1], 0))
+        protect.append(basis(stacked).to(base.dtype))
+    lbw = [b.to(base.dtype) for b in lbw_w]
+    return PactSubspaces(core, active, lbw, protect, [v.shape[1] == 0 for v in tops])
 
 
 def _check(p: PactParams, info: ParamInfo) -> None:
@@ -181,11 +197,32 @@ def _check(p: PactParams, info: ParamInfo) -> None:
             )
 
 
+def _frobenius(d: Tensor | LowRankDelta) -> Tensor:
+    if isinstance(d, LowRankDelta):  # ||B A||_F^2 = sum((B^T B A) * A), without forming B A
+        return torch.sum(((d.B.mT @ d.B) @ d.A) * d.A).clamp_min(0).sqrt()
+    return torch.linalg.matrix_norm(d)
+
+
+def _zeros_like(d: Tensor | LowRankDelta) -> Tensor | LowRankDelta:
+    return LowRankDelta(d.B, torch.zeros_like(d.A)) if isinstance(d, LowRankDelta) else torch.zeros_like(d)
+
+
 def _project_out(d: Tensor | LowRankDelta, P: Tensor) -> Tensor | LowRankDelta:
-    """Delta (I - P P^T); for factors only the row factor changes, so the rank stays r."""
+    """Delta (I - P P^T); for factors only the row factor changes, so the rank stays r.
+
+    What is left is returned as exact zeros when it is the projection's round-off: P spans the
+    whole row space (n columns), or at most ``null_rtol`` (sqrt(eps)) of Delta's norm remains
+    (Delta's row space lies inside span(P)). A relative null test downstream could not tell such a
+    remainder from signal; exact zeros it can."""
+    if P.shape[1] == P.shape[0]:
+        return _zeros_like(d)
     if isinstance(d, LowRankDelta):
-        return LowRankDelta(d.B, d.A - (d.A @ P) @ P.mT)
-    return d - (d @ P) @ P.mT
+        out: Tensor | LowRankDelta = LowRankDelta(d.B, d.A - (d.A @ P) @ P.mT)
+    else:
+        out = d - (d @ P) @ P.mT
+    if P.shape[1] > 0 and _frobenius(out) <= null_rtol(P.dtype) * _frobenius(d):
+        return _zeros_like(d)
+    return out
 
 
 @register_filter("pact", params=PactParams, check=_check, lowrank=True)
@@ -194,4 +231,4 @@ def pact(base: Tensor, deltas: list[Delta], ctx: ParamContext, p: PactParams) ->
     if not ctx.info.is_matrix or not ctx.info.in_depth(p.depth) or len(deltas) < 2 or p.ranks(base.shape)[0] == 0:
         return deltas
     sub = pact_subspaces(base, deltas, p, ctx)
-    return [_project_out(d, P) for d, P in zip(deltas, sub.protect)]
+    return [_zeros_like(d) if z else _project_out(d, P) for d, P, z in zip(deltas, sub.protect, sub.zero)]

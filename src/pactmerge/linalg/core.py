@@ -17,7 +17,7 @@ benchmark's fine-tunes):
   with room on both sides in float64 and is the only dimension-free choice that does in float32
   (``max(m, n) * eps`` is already 4.6e-5 at n = 384 and 4.9e-4 at n = 4096).
 * :func:`storage_noise_level` -- the spectral norm of independent one-ulp errors of the stored
-  weights, ``eps(storage) * ||theta_0||_F * (1/sqrt(m) + 1/sqrt(n))``: PACT counts singular values of
+  weights, ``eps(storage) * (largest row norm + largest column norm of theta_0)``: PACT counts singular values of
   ``theta_0`` and ``Delta_t`` at or below it as zero (the stored data do not resolve those directions).
   Measured on the benchmark's base weights and random ones: one rounding of ``theta_0`` through a
   coarser dtype (bfloat16, float16) has spectral norm 0.1-0.25 of that level, independent +-1 ulp
@@ -56,19 +56,25 @@ def null_rtol(dtype: torch.dtype) -> float:
 
 def storage_noise_level(theta0: Tensor, eps: float) -> float:
     """Spectral norm of a matrix of independent one-ulp errors of ``theta0``:
-    ``eps * ||theta0||_F * (1/sqrt(m) + 1/sqrt(n))`` (an ``m x n`` matrix of i.i.d. entries of RMS
-    ``rho`` has spectral norm about ``rho * (sqrt(m) + sqrt(n))``; here ``rho = eps * rms(theta0)``).
+    ``eps * (max_i ||theta0[i, :]|| + max_j ||theta0[:, j]||)``.
+
+    For independent zero-mean entries with standard deviations ``s_ij`` the expected spectral norm
+    is at most about the largest row norm plus the largest column norm of ``(s_ij)`` (Bandeira and
+    van Handel 2016; ``rms * (sqrt(m) + sqrt(n))`` when all ``s_ij`` are equal); here ``s_ij <= eps *
+    |theta0_ij|``. The row/column form matters for trained weights, whose outlier rows or columns
+    carry most of their round-off's spectral norm.
 
     Args:
-        theta0: ``(m, n)`` stored weight (in any floating dtype; the norm is taken in float64).
+        theta0: ``(m, n)`` stored weight (in any floating dtype; the norms are taken in float64).
         eps: machine epsilon of the storage dtype (the coarsest one the values went through).
 
     Returns:
         A float >= 0; 0 for an all-zero ``theta0``.
     """
-    m, n = theta0.shape
-    norm = float(torch.linalg.matrix_norm(theta0.to(torch.float64)))
-    return eps * norm * (m**-0.5 + n**-0.5)
+    a = theta0.to(torch.float64)
+    rows = float(torch.linalg.vector_norm(a, dim=1).max()) if a.numel() else 0.0
+    cols = float(torch.linalg.vector_norm(a, dim=0).max()) if a.numel() else 0.0
+    return eps * (rows + cols)
 
 
 def numerical_rank(singular_values: Tensor, shape: tuple[int, ...], rtol: float | None = None) -> int:

@@ -127,14 +127,17 @@ def iso_cts_merge(deltas: list[Tensor], f: float, rank_aware: bool = True, rank_
     keep_c = min(k_c, numerical_rank(s, (m, n), rtol)) if rank_aware else k_c
     u_c = u[:, :keep_c]  # well-posed: arbitrary null-direction vectors are not projected out either
     us, vs, sigma_sum = [u_c], [vh[:keep_c].mT], s[:k_c].sum()
+    # Null test of the task-specific remainders against the largest task norm: d_bar's round-off is
+    # relative to ||Delta_t||, and a task PACT has (almost) annihilated is round-off even relative
+    # to its own filtered norm.
+    scale = max(float(torch.linalg.matrix_norm(d)) for d in deltas)
     for d in deltas:
         if s_per == 0:
             break
         d_bar = d - u_c @ (u_c.mT @ d)  # the common left subspace projected out
         ut, st, vht = torch.linalg.svd(d_bar, full_matrices=False)
         sigma_sum = sigma_sum + st[:s_per].sum()
-        # Null test against the task's own scale: d_bar's round-off is relative to ||Delta_t||.
-        keep = int((st[:s_per] > rtol * torch.linalg.matrix_norm(d)).sum()) if rank_aware else s_per
+        keep = int((st[:s_per] > rtol * scale).sum()) if rank_aware else s_per
         us.append(ut[:, :keep])
         vs.append(vht[:keep].mT)
     sigma_bar = sigma_sum / r
@@ -157,13 +160,13 @@ def iso_cts_merge_lowrank(deltas: list[LowRankDelta], f: float, rank_rtol: float
     keep_c = min(k_c, numerical_rank(s, (m, n), rtol))
     u_c = u[:, :keep_c]
     us, vs, sigma_sum = [u_c], [vh[:keep_c].mT], s[:k_c].sum()
+    scale = max(float(factor_svd(d)[1].norm()) for d in deltas)  # max_t ||B_t A_t||_F, as in iso_cts_merge
     for d in deltas:
         if s_per == 0:
             break
         ut, st, vht = factor_svd(LowRankDelta(d.B - u_c @ (u_c.mT @ d.B), d.A))
         sigma_sum = sigma_sum + st[:s_per].sum()
-        norm = factor_svd(d)[1].norm()  # ||B A||_F
-        keep = int((st[:s_per] > rtol * norm).sum())
+        keep = int((st[:s_per] > rtol * scale).sum())
         us.append(ut[:, :keep])
         vs.append(vht[:keep].mT)
     u_cat, v_cat = torch.cat(us, 1), torch.cat(vs, 1)
@@ -195,7 +198,7 @@ def iso_cts(base: Tensor, deltas: list[Delta], ctx: ParamContext, p: IsoCtsParam
 
     Well-posed form (default ``rank_aware: true``): common directions with a numerically zero
     singular value (below ``rank_rtol * S[0]``) and task-specific ones below ``rank_rtol *
-    ||Delta_t||_F`` are left out of U*, V*, and the polar factors are restricted to the numerical
+    max_t ||Delta_t||_F`` are left out of U*, V*, and the polar factors are restricted to the numerical
     range (``polar_factor(literal=False)``); sigma_bar is unchanged. ``rank_rtol`` defaults to
     :func:`~pactmerge.linalg.null_rtol` (``sqrt(eps)``) in all three tests (see the module doc).
     Identical to the literal form unless U* or V* is rank-deficient -- as after PACT with T >= 4,

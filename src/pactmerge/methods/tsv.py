@@ -16,10 +16,12 @@ vectors (as the reference code does). Per-model weights scale the task vectors f
 (``Delta_t <- w_t Delta_t``, fusion_bench's per-task ``alpha`` list); default 1.
 
 Well-posed form (default, ``rank_aware: true``): triplets whose singular value is numerically
-zero (below ``rank_rtol * S_t[0]``, default :func:`pactmerge.linalg.null_rtol` = ``sqrt(eps)``, the
-polar factors' tolerance too; why not ``max(m, n) * eps``: :mod:`pactmerge.methods.isotropic`) are
-dropped -- their singular vectors are arbitrary -- and the polar factors are taken on the numerical
-range of U^ and V^ only (:func:`pactmerge.linalg.polar_factor` with ``literal=False``). The two forms agree whenever every
+zero -- below ``rank_rtol * max_t S_t[0]``, the largest singular value of all tasks (a task PACT
+has annihilated is round-off even relative to itself); default :func:`pactmerge.linalg.null_rtol`
+= ``sqrt(eps)``, the polar factors' tolerance too; why not ``max(m, n) * eps``:
+:mod:`pactmerge.methods.isotropic` -- are dropped (their singular vectors are arbitrary), and the
+polar factors are taken on the numerical range of U^ and V^ only
+(:func:`pactmerge.linalg.polar_factor` with ``literal=False``). The two forms agree whenever every
 task has rank >= k and U^, V^ have full column rank; they differ when the concatenated bases are
 rank-deficient -- e.g. after PACT with T >= 4 every filtered task vector annihilates the core
 V_{0,K}, so V^ has at most n - K independent columns, and the literal polar factor completes it
@@ -47,7 +49,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from pactmerge.linalg import null_rtol, numerical_rank, polar_factor, randomized_svd
+from pactmerge.linalg import null_rtol, polar_factor, randomized_svd
 from pactmerge.lowrank import Delta, LowRankDelta, all_lowrank, densify, factor_svd, scale_delta
 from pactmerge.methods.isotropic import mean_of
 from pactmerge.registry import ParamContext, Params, register_method
@@ -91,16 +93,22 @@ def tsv_merge(
     m, n = deltas[0].shape
     k = min(m, n) // len(deltas)
     rtol = rank_rtol if rank_rtol is not None else null_rtol(deltas[0].dtype)
-    us, ss, vs = [], [], []
+    svds = []
     for t, d in enumerate(deltas if lowrank else densify(deltas)):
         if isinstance(d, LowRankDelta):
-            u, s, vh = factor_svd(d)
+            svds.append(factor_svd(d))
         elif svd == "randomized":
             gen = generators[t] if generators is not None else None
-            u, s, vh = randomized_svd(d, k, oversample=oversample, power_iters=power_iters, generator=gen)
+            svds.append(randomized_svd(d, k, oversample=oversample, power_iters=power_iters, generator=gen))
         else:
-            u, s, vh = torch.linalg.svd(d, full_matrices=False)
-        keep = min(k, numerical_rank(s, (m, n), rtol)) if rank_aware else k
+            svds.append(torch.linalg.svd(d, full_matrices=False))
+    # Null test against the largest singular value of all tasks, not each task's own: a task that
+    # PACT has (almost) annihilated is round-off relative to itself, and its arbitrary directions
+    # would enter the polar factors (which then rotate the other tasks' directions into them).
+    top = max((float(s[0]) for _, s, _ in svds if s.numel()), default=0.0)
+    us, ss, vs = [], [], []
+    for u, s, vh in svds:
+        keep = min(k, int((s > rtol * top).sum().item())) if rank_aware else k
         us.append(u[:, :keep])
         ss.append(s[:keep])
         vs.append(vh[:keep].mT)
