@@ -22,7 +22,7 @@ from pactmerge.registry import ParamContext, ParamInfo
 
 
 def ctx_for(shape, T, dtype=torch.float64, model_dtypes=()):
-    info = ParamInfo("encoder.layer.0.w", tuple(shape), dtype, "matrix", 0, 1.0, tuple(model_dtypes))
+    info = ParamInfo("encoder.layer.0.w", tuple(shape), dtype, "matrix", 0, 1.0, model_dtypes=tuple(model_dtypes))
     return ParamContext(info, seed=0, weights=[1.0] * T, model_params=[{}] * T)
 
 

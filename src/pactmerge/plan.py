@@ -132,7 +132,7 @@ def build_plan(cfg: MergeConfig, base: Source, models: list[Source]) -> Plan:
         for src, mine in zip(models, model_dtypes):
             if kind != "copy" and mine != dtype:
                 mixed.setdefault(src.label, {}).setdefault((mine, dtype), []).append(name)
-        params.append(ParamInfo(name, tuple(shape), dtype, kind, idx, frac, model_dtypes))
+        params.append(ParamInfo(name, tuple(shape), dtype, kind, idx, frac, model_dtypes=model_dtypes))
     return Plan(params, len(distinct), ignored, mixed, cfg.compute_dtype)
 
 
