@@ -27,9 +27,9 @@ and its LBW is the whole core. Without this, LAPACK's arbitrary null-space vecto
 ulps a frozen layer picks up in a dtype round trip -- would decide the other tasks' protection.
 Such a task vector (no singular value above the level) is itself round-off, and the filter returns
 it as exact zeros.
-Measured: one rounding of theta_0 through bfloat16/float16 has 0.1-0.25 of that level, so a frozen
+Measured: one rounding of theta_0 through bfloat16/float16 has 0.15-0.21 of that level, so a frozen
 layer stored in a coarser dtype than the base is recognised as unchanged; a genuine update of the
-benchmark's fine-tunes has its 15th singular value 1e4 times above it (float32 storage).
+benchmark's fine-tunes has its 15th singular value over 1e4 times above it (float32 storage).
 
 A filtered task vector that is only the projection's round-off -- P_t spans the whole row space,
 or at most ``sqrt(eps)`` of ``||Delta_t||_F`` is left because Delta_t's row space lies inside
