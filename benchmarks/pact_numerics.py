@@ -109,6 +109,10 @@ def measure(base_dir: str, models: list[str], dtype_name: str, K: int, k: int, w
         genuine = rest[: min(total.shape) - null.shape[1]]
         row["sum_null_eps"] = float(np.linalg.norm(total @ null, 2) / s_all[0] / eps) if null.shape[1] else 0.0
         row["sum_smallest"] = float(genuine.min() / s_all[0]) if genuine.size else float("nan")
+        # Without PACT (plain Iso-C): singular values of sum_t Delta_t below sqrt(eps) and max(m, n) eps.
+        plain = torch.linalg.svdvals(sum(deltas).to(torch.float64)).numpy()
+        rel = plain / plain[0]
+        row["plain_below"] = [int((rel <= eps**0.5).sum()), int((rel <= max(base.shape) * eps).sum()), rel.size]
         if with_dims:
             from pactmerge.filters.pact import PactParams, pact_subspaces
 
@@ -179,13 +183,15 @@ def report(suite: str, T: int, K: int, k: int, after: list[dict], before: list[d
         lines.append(f"| {typ} |" + "".join(cells))
     lines += ["", "The sum of the filtered task vectors (this code): largest singular value along the common null", ""]
     lines += [
-        "| layer type | null level (eps, max) | smallest genuine singular value (relative, min) |",
-        "|---|---|---|",
+        "| layer type | null level (eps, max) | smallest genuine singular value (relative, min)"
+        " | without PACT: singular values <= sqrt(eps) / <= max(m,n) eps, of |",
+        "|---|---|---|---|",
     ]
     for typ, rows in [*by_type.items(), ("all layers", after)]:
         lvl = max(r["sum_null_eps"] for r in rows)
         small = min(r["sum_smallest"] for r in rows)
-        lines.append(f"| {typ} | {lvl:.1f} | {small:.2e} |")
+        below = [sum(r["plain_below"][i] for r in rows) for i in range(3)]
+        lines.append(f"| {typ} | {lvl:.1f} | {small:.2e} | {below[0]} / {below[1]} of {below[2]} |")
     return "\n".join(lines)
 
 
