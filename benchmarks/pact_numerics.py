@@ -73,7 +73,9 @@ def common_null(filtered: list[np.ndarray], tol: float) -> np.ndarray:
     return vh.T if s[0] == 0 else vh[s <= tol * s[0]].T
 
 
-def measure(base_dir: str, models: list[str], dtype_name: str, K: int, k: int, with_dims: bool) -> list[dict]:
+def measure(
+    base_dir: str, models: list[str], dtype_name: str, K: int, k: int, with_dims: bool, layers: str = ""
+) -> list[dict]:
     """One row per 2-D encoder weight (see the module doc); runs with whatever ``pactmerge`` imports."""
     import torch
     from safetensors import safe_open
@@ -84,7 +86,11 @@ def measure(base_dir: str, models: list[str], dtype_name: str, K: int, k: int, w
     eps = torch.finfo(dtype).eps
     files = [safe_open(str(Path(p) / "model.safetensors"), "pt") for p in [base_dir, *models]]
     stored = files[0].keys()
-    names = [n for n in stored if n.startswith("encoder.") and len(files[0].get_slice(n).get_shape()) == 2]
+    names = [
+        n
+        for n in stored
+        if n.startswith("encoder.") and len(files[0].get_slice(n).get_shape()) == 2 and re.search(layers, n)
+    ]
     pact = get_filter("pact")
     rows = []
     for name in sorted(names, key=lambda n: (int(n.split(".")[2]), n)):
@@ -97,6 +103,7 @@ def measure(base_dir: str, models: list[str], dtype_name: str, K: int, k: int, w
         filtered = [f.to(torch.float64).numpy() for f in pact.fn(base, deltas, ctx, pact.params(K=K, k=k))]
         null = common_null(filtered, NULL_TOL[dtype_name])
         row: dict = {"name": name, "type": layer_type(name), "shape": list(base.shape), "null_dim": null.shape[1]}
+        row["dtype"] = dtype_name
         filtered_t = [torch.from_numpy(f).to(dtype) for f in filtered]
         for method in METHODS:
             spec = get_method(method)
@@ -124,11 +131,11 @@ def measure(base_dir: str, models: list[str], dtype_name: str, K: int, k: int, w
     return rows
 
 
-def run_before(src: str, base_dir: str, models: list[str], dtype: str, K: int, k: int) -> list[dict]:
+def run_before(src: str, base_dir: str, models: list[str], dtype: str, K: int, k: int, layers: str) -> list[dict]:
     """:func:`measure` with another checkout's code, in a subprocess."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
-        job = {"base": base_dir, "models": models, "dtype": dtype, "K": K, "k": k, "out": str(out)}
+        job = {"base": base_dir, "models": models, "dtype": dtype, "K": K, "k": k, "out": str(out), "layers": layers}
         env = {**os.environ, "PYTHONPATH": src}
         subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], env=env, check=True)
         return json.loads(out.read_text())
@@ -149,7 +156,7 @@ def report(suite: str, T: int, K: int, k: int, after: list[dict], before: list[d
     btype: dict[str, list[dict]] = defaultdict(list)
     for r in before or []:
         btype[r["type"]].append(r)
-    lines = [f"## {suite}: T = {T}, K, k = {K}, {k}, float32", ""]
+    lines = [f"## {suite}: T = {T}, K, k = {K}, {k}, {after[0]['dtype']}", ""]
     lines += [
         "| layer type | shape | dim P_t, orth: svd (mean, min-max) | orth: qr | K + (T-1) k | (T-1) K | null dim |",
         "|---|---|---|---|---|---|---|",
@@ -262,12 +269,13 @@ def main() -> None:
     ap.add_argument("--before-src", default=None, help="another checkout's src folder, for the 'before' column")
     ap.add_argument("--pact-rank", default="15,8", help="K,k (the bench's)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    ap.add_argument("--layers", default="", help="regex: only the encoder weights whose name matches")
     ap.add_argument("--random", type=int, default=0, help="measure the null tolerance on this many random layers")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         job = json.loads(args.worker)
-        rows = measure(job["base"], job["models"], job["dtype"], job["K"], job["k"], with_dims=False)
+        rows = measure(job["base"], job["models"], job["dtype"], job["K"], job["k"], False, job["layers"])
         Path(job["out"]).write_text(json.dumps(rows))
         return
     import pactmerge
@@ -283,8 +291,10 @@ def main() -> None:
             print(f"\n## {suite}: skipped, not cached: {', '.join(missing)} (run `pactmerge bench --suite {suite}`)")
             continue
         models = list(found.values())
-        after = measure(base_dir, models, args.dtype, K, k, with_dims=True)
-        before = run_before(args.before_src, base_dir, models, args.dtype, K, k) if args.before_src else None
+        after = measure(base_dir, models, args.dtype, K, k, True, args.layers)
+        before = None
+        if args.before_src:
+            before = run_before(args.before_src, base_dir, models, args.dtype, K, k, args.layers)
         print()
         print(report(suite, len(models), K, k, after, before))
 
