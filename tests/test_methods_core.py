@@ -19,7 +19,7 @@ def np_iso_c(msum: np.ndarray, rank_aware: bool) -> np.ndarray:
     u, s, vt = np.linalg.svd(msum, full_matrices=False)
     sbar = s.mean()
     if rank_aware:
-        keep = s > max(msum.shape) * np.finfo(np.float64).eps * s[0]
+        keep = s > np.sqrt(np.finfo(np.float64).eps) * s[0]  # the well-posed null tolerance (issue 14)
         u, vt = u[:, keep], vt[keep]
     return sbar * u @ vt
 

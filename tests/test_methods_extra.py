@@ -266,10 +266,14 @@ def test_consensus_model_scope_ties(rng):
 # -- TSV-M ------------------------------------------------------------------------------------
 
 
+# The well-posed forms' null tolerance (issue 14): sqrt(eps), for sums, polar factors and per-task tests.
+NULL_RTOL = np.sqrt(np.finfo(np.float64).eps)
+
+
 def np_polar(x, literal=True):
     p, d, qt = np.linalg.svd(x, full_matrices=False)
     if not literal:
-        keep = d > max(x.shape) * np.finfo(np.float64).eps * d[0]
+        keep = d > NULL_RTOL * d[0]
         p, qt = p[:, keep], qt[keep]
     return p @ qt
 
@@ -277,10 +281,11 @@ def np_polar(x, literal=True):
 def np_tsv(ds, literal=True):
     m, n = ds[0].shape
     k = min(m, n) // len(ds)
+    svds = [np.linalg.svd(d, full_matrices=False) for d in ds]
+    top = max(s[0] for _, s, _ in svds)  # null test against the largest singular value of all tasks
     us, ss, vs = [], [], []
-    for d in ds:
-        u, s, vt = np.linalg.svd(d, full_matrices=False)
-        keep = k if literal else min(k, int((s > max(m, n) * np.finfo(np.float64).eps * s[0]).sum()))
+    for u, s, vt in svds:
+        keep = k if literal else min(k, int((s > NULL_RTOL * top).sum()))
         us.append(u[:, :keep]), ss.append(s[:keep]), vs.append(vt[:keep].T)
     if k == 0:  # T > min(m, n): no task keeps a triplet
         return np.zeros((m, n))
@@ -334,17 +339,17 @@ def np_iso_cts(ds, f=0.8, literal=True):
     if kc < 0:
         kc = r - (r // T) * T
     s_per = (r - kc) // T
-    eps = max(m, n) * np.finfo(np.float64).eps
     u, s, vt = np.linalg.svd(sum(ds), full_matrices=False)
-    keep_c = kc if literal else min(kc, int((s > eps * s[0]).sum()))
+    keep_c = kc if literal else min(kc, int((s > NULL_RTOL * s[0]).sum()))
     uc = u[:, :keep_c]
     us, vs, total = [uc], [vt[:keep_c].T], s[:kc].sum()
+    scale = max(np.linalg.norm(d) for d in ds)  # task-specific null test against the largest task norm
     for d in ds:
         if s_per == 0:
             break
         ut, st, vtt = np.linalg.svd(d - uc @ uc.T @ d, full_matrices=False)
         total += st[:s_per].sum()
-        keep = s_per if literal else int((st[:s_per] > eps * np.linalg.norm(d)).sum())
+        keep = s_per if literal else int((st[:s_per] > NULL_RTOL * scale).sum())
         us.append(ut[:, :keep]), vs.append(vtt[:keep].T)
     return total / r * np_polar(np.concatenate(us, 1), literal) @ np_polar(np.concatenate(vs, 1), literal).T
 

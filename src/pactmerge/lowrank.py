@@ -123,7 +123,7 @@ def stacked_svd(deltas: list[LowRankDelta], weights: list[float] | None = None) 
     return qb @ uc, s, vh @ qa.mT
 
 
-def top_right_lowrank(d: LowRankDelta, k: int, mode: str = "exact") -> Tensor:
+def top_right_lowrank(d: LowRankDelta, k: int, mode: str = "exact", atol: float | None = None) -> Tensor:
     """Top-``k`` right singular vectors of ``B A`` as an ``(n, min(k, r))`` matrix.
 
     ``mode="exact"``: from :func:`factor_svd` -- the same subspace as the dense SVD of ``B A``
@@ -132,14 +132,17 @@ def top_right_lowrank(d: LowRankDelta, k: int, mode: str = "exact") -> Tensor:
     which differs from ``B A``'s unless ``B`` has orthogonal columns of equal norm).
 
     A rank-r update has only r meaningful directions: for k > r the result has r columns (the
-    dense SVD would pad with arbitrary null-space vectors).
+    dense SVD would pad with arbitrary null-space vectors). With ``atol``, the rank is the number
+    of singular values of ``B A`` above ``atol`` (in both modes: an adapter whose ``B`` is still
+    zero, as PEFT initialises it, has rank 0 whatever its ``A``).
     """
-    if mode == "exact":
-        _, _, vh = factor_svd(d)
-    elif mode == "a_rows":
+    _, s, vh = factor_svd(d)
+    if mode == "a_rows":
         _, _, vh = torch.linalg.svd(d.A, full_matrices=False)
-    else:
+    elif mode != "exact":
         raise ValueError(f"unknown low-rank subspace mode {mode!r} (expected 'exact' or 'a_rows')")
+    if atol is not None:
+        k = min(k, int((s > atol).sum().item()))
     return vh[:k].mT
 
 

@@ -8,6 +8,13 @@ fraction (i + 1) / L. A name without an index takes its position from the checkp
 before the first indexed parameter (embeddings) it is on the input side, fraction 0, filtered
 whenever depth > 0; after it (final norm, pooler, head) it is on the output side, fraction 1,
 filtered only at depth 1. A model with no indexed names puts everything at fraction 1.
+
+Dtype rule: a model may store a parameter in another floating-point dtype than the base (a
+bfloat16 fine-tune of a float32 base). That is allowed: every tensor is cast to the compute dtype
+(``dtype:``) before ``Delta_t = theta_t - theta_0``, the output keeps the base's dtype (or
+``out_dtype``), each parameter's :attr:`ParamInfo.model_dtypes` records the models' storage dtypes
+(PACT's rank-revealing tolerance uses the coarsest one per task), and :meth:`Plan.describe` (``--dry-run``)
+reports every such mismatch. A floating-point parameter against an integer/bool one is an error.
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ class Plan:
     ignored_extra: dict[str, list[str]]  # model label -> names it has that the base lacks (left out)
     from_base: dict[str, list[str]] = field(default_factory=dict)  # name -> labels of the models lacking it
     copied_from: dict[str, int] = field(default_factory=dict)  # extra name -> model index (extra_parameters: copy)
+    # model label -> {(model dtype, base dtype): names} for parameters stored in another float dtype
+    mixed_dtypes: dict[str, dict[tuple[torch.dtype, torch.dtype], list[str]]] = field(default_factory=dict)
+    compute_dtype: torch.dtype = torch.float32
 
     def describe(self, filters: Sequence[Stage]) -> str:
         """A human-readable table: parameter, shape, kind, layer, which ``filters`` apply; then notes
@@ -78,15 +88,35 @@ class Plan:
             )
         for name, i in self.copied_from.items():
             lines.append(f"  note: {name!r} is not in the base: copied from models[{i}] (extra_parameters: copy)")
+        lines.extend(self.dtype_notes())
         return "\n".join(lines)
+
+    def dtype_notes(self) -> list[str]:
+        """One line per (model, model dtype, base dtype) whose storage dtypes differ."""
+        compute = _dtype_name(self.compute_dtype)
+        lines = []
+        for label, groups in self.mixed_dtypes.items():
+            for (mine, theirs), names in groups.items():
+                coarser = torch.finfo(mine).eps > torch.finfo(theirs).eps
+                lines.append(
+                    f"  note: {label} stores {len(names)} parameter(s) as {_dtype_name(mine)}, the base as"
+                    f" {_dtype_name(theirs)} (e.g. {names[0]!r}); task vectors are computed in {compute}"
+                    + (f", and carry the base's rounding to {_dtype_name(mine)}" if coarser else "")
+                )
+        return lines
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def build_plan(cfg: MergeConfig, base: Source, models: list[Source]) -> Plan:
-    """Check every model against the base (keys, shapes, dtypes) and classify each parameter.
+    """Check every model against the base (keys, shapes, dtype kinds) and classify each parameter.
 
     A base parameter a model lacks is an error, unless it is ``exclude``d or an optional buffer
     (:func:`pactmerge.io.architectures.is_optional_buffer`): then it is copied from the base.
-    2-D weights the architecture stores ``(in, out)`` are marked ``transposed``.
+    2-D weights the architecture stores ``(in, out)`` are marked ``transposed``; mixed
+    floating-point dtypes are recorded (see the module doc).
     """
     excludes = [re.compile(p) for p in cfg.exclude]
     names = base.names()
@@ -114,7 +144,7 @@ def build_plan(cfg: MergeConfig, base: Source, models: list[Source]) -> Plan:
             if base.dtype(name).is_floating_point != src.dtype(name).is_floating_point:
                 raise PactMergeError(
                     f"{src.label}: parameter {name!r} has dtype {src.dtype(name)}, the base model has"
-                    f" {base.dtype(name)}"
+                    f" {base.dtype(name)} (a floating-point tensor cannot be merged with an integer or bool one)"
                 )
     in_out = in_out_weights(arch_config, {n: tuple(base.shape(n)) for n in names})
     copied_from, ignored = extra_parameters(cfg.extra_parameters, base, models, arch_config)
@@ -124,6 +154,7 @@ def build_plan(cfg: MergeConfig, base: Source, models: list[Source]) -> Plan:
     rank = {i: r for r, i in enumerate(distinct)}
     first_indexed = next((pos for pos, i in enumerate(indices) if i is not None), None)
     params = []
+    mixed: dict[str, dict[tuple[torch.dtype, torch.dtype], list[str]]] = {}
     for pos, (name, idx) in enumerate(zip(names, indices)):
         shape, dtype = base.shape(name), base.dtype(name)
         if not dtype.is_floating_point or name in from_base or any(r.search(name) for r in excludes):
@@ -138,6 +169,10 @@ def build_plan(cfg: MergeConfig, base: Source, models: list[Source]) -> Plan:
             frac = 0.0
         else:
             frac = 1.0
+        model_dtypes = tuple(src.dtype(name) if name in src else dtype for src in models)
+        for src, mine in zip(models, model_dtypes):
+            if kind != "copy" and mine != dtype:
+                mixed.setdefault(src.label, {}).setdefault((mine, dtype), []).append(name)
         params.append(
             ParamInfo(
                 name,
@@ -150,11 +185,12 @@ def build_plan(cfg: MergeConfig, base: Source, models: list[Source]) -> Plan:
                 num_models=len(models),
                 layer_rank=None if idx is None else rank[idx],
                 num_layers=len(distinct),
+                model_dtypes=model_dtypes,
             )
         )
     for name, i in copied_from.items():  # after the base's parameters, copied as they are
         params.append(ParamInfo(name, tuple(models[i].shape(name)), models[i].dtype(name), "copy", None, 1.0))
-    return Plan(params, len(distinct), ignored, from_base, copied_from)
+    return Plan(params, len(distinct), ignored, from_base, copied_from, mixed, cfg.compute_dtype)
 
 
 def extra_parameters(

@@ -71,7 +71,7 @@ class ParamInfo:
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: torch.dtype  # the base model's storage dtype (the output keeps it unless out_dtype is set)
     kind: str  # "matrix" (2-D, merged by the SVD-aware path), "vector" (other float), "copy" (int/bool/excluded)
     layer: int | None  # layer index parsed from the name (see plan.layer_position)
     depth_fraction: float  # position of the layer in (0, 1]: filters with depth d apply when <= d
@@ -81,6 +81,7 @@ class ParamInfo:
     num_models: int = 0  # how many task vectors the method will receive (0: not known, e.g. a hand-made info)
     layer_rank: int | None = None  # 0-based rank of `layer` among the model's distinct layer indices
     num_layers: int = 0  # how many distinct layer indices the model has
+    model_dtypes: tuple[torch.dtype, ...] = ()  # each model's storage dtype (may differ from the base's); () = dtype
 
     @property
     def is_matrix(self) -> bool:

@@ -5,11 +5,21 @@ mean sigma_bar = mean(S) over all min(m, n) of them: merged = sigma_bar * U V^T.
 take the mean of the task vectors (as the reference code does).
 
 Well-posed form (default, ``rank_aware: true``): directions whose singular value is numerically
-zero (below ``rank_rtol * S[0]``) get no update. sigma_bar stays the mean over all min(m, n)
-values, so the two forms differ only on those null directions, whose singular vectors are
-arbitrary (whatever LAPACK completes the basis with). After PACT with T >= 3 tasks the sum has
-exactly such a null space -- the pretrained core PACT protects -- and the literal form writes
-sigma_bar into it (README, "Composing PACT with spectrum-flattening methods").
+zero (below ``rank_rtol * S[0]``, default :func:`pactmerge.linalg.null_rtol` = ``sqrt(eps)`` of the
+compute dtype) get no update. sigma_bar stays the mean over all min(m, n) values, so the two forms
+differ only on those null directions, whose singular vectors are arbitrary (whatever LAPACK
+completes the basis with). After PACT with T >= 3 tasks the sum has exactly such a null space --
+the pretrained core PACT protects -- and the literal form writes sigma_bar into it (README,
+"Composing PACT with spectrum-flattening methods").
+
+Why ``sqrt(eps)`` and not ``max(m, n) * eps`` (the textbook rank threshold, used before issue 14):
+the filtered task vectors carry PACT's round-off, and along the directions all of them annihilate
+their sum's singular values reach tens of eps relative (measured: up to 21 eps in float64 on random
+layers, 59 eps on a 40 x 24 layer where ``max(m, n) * eps`` = 40 eps, and the literal sigma_bar then
+went into the protected core: 22% of the update). ``sqrt(eps)`` is far above that and far below
+the smallest genuine singular value measured (see :mod:`pactmerge.linalg.core`); the invariant
+"no update along the directions every filtered task vector annihilates" is a property test
+(``tests/test_numerics_null.py``).
 
 Iso-CTS (``iso_cts``, below) adds task-specific directions to the common subspace; see its docstring.
 
@@ -26,7 +36,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from pactmerge.linalg import numerical_rank, polar_factor
+from pactmerge.linalg import null_rtol, numerical_rank, polar_factor
 from pactmerge.lowrank import Delta, LowRankDelta, all_lowrank, densify, factor_svd, scale_delta, stacked_svd
 from pactmerge.methods.task_arithmetic import weighted_sum
 from pactmerge.registry import ParamContext, Params, register_method
@@ -34,7 +44,7 @@ from pactmerge.registry import ParamContext, Params, register_method
 
 class IsoCParams(Params):
     rank_aware: bool = Field(True, description="drop numerically-null directions (False: the literal formula)")
-    rank_rtol: float | None = Field(None, gt=0, description="null tolerance relative to S[0]; default max(m,n)*eps")
+    rank_rtol: float | None = Field(None, gt=0, description="null tolerance relative to S[0]; default sqrt(eps)")
 
 
 def mean_of(deltas: list[Tensor]) -> Tensor:
@@ -44,12 +54,13 @@ def mean_of(deltas: list[Tensor]) -> Tensor:
 def isotropic_flatten(m: Tensor, rank_aware: bool = True, rank_rtol: float | None = None) -> Tensor:
     """sigma_bar * U V^T of ``m = U S V^T`` with sigma_bar = mean(S) over all min(m, n) values.
 
-    With ``rank_aware`` the product runs over the numerical range of ``m`` only.
+    With ``rank_aware`` the product runs over the numerical range of ``m`` only: singular values
+    ``<= rank_rtol * S[0]`` (default :func:`~pactmerge.linalg.null_rtol`) count as zero.
     """
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
     sigma_bar = s.mean()
     if rank_aware:
-        r = numerical_rank(s, tuple(m.shape), rank_rtol)
+        r = numerical_rank(s, tuple(m.shape), rank_rtol if rank_rtol is not None else null_rtol(m.dtype))
         u, vh = u[:, :r], vh[:r]
     return sigma_bar * (u @ vh)
 
@@ -62,7 +73,7 @@ def isotropic_flatten_lowrank(
     sigma_bar = sum(S) / min(m, n): the dense spectrum's other values are zero."""
     m, n = deltas[0].shape
     u, s, vh = stacked_svd(deltas, weights)
-    r = numerical_rank(s, (m, n), rank_rtol)
+    r = numerical_rank(s, (m, n), rank_rtol if rank_rtol is not None else null_rtol(s.dtype))
     sigma_bar = s.sum() / min(m, n)
     return LowRankDelta(sigma_bar * u[:, :r], vh[:r])
 
@@ -94,7 +105,7 @@ class IsoCtsParams(Params):
     rank_aware: bool = Field(
         True, description="drop null directions, polar factors on the numerical range (False: literal)"
     )
-    rank_rtol: float | None = Field(None, gt=0, description="null tolerance (relative); default max(m,n)*eps")
+    rank_rtol: float | None = Field(None, gt=0, description="null tolerance (relative); default sqrt(eps)")
 
 
 def iso_cts_split(r: int, T: int, f: float) -> tuple[int, int]:
@@ -115,21 +126,24 @@ def iso_cts_merge(deltas: list[Tensor], f: float, rank_aware: bool = True, rank_
     r, T = min(m, n), len(deltas)
     k_c, s_per = iso_cts_split(r, T, f)
     u, s, vh = torch.linalg.svd(weighted_sum(deltas, [1.0] * T), full_matrices=False)
-    keep_c = min(k_c, numerical_rank(s, (m, n), rank_rtol)) if rank_aware else k_c
+    # One null tolerance for the common part, the task-specific remainders and the polar factors:
+    # after PACT and the common projection, what is left of a task vector can be pure round-off,
+    # and Iso-CTS would give it the full sigma_bar.
+    rtol = rank_rtol if rank_rtol is not None else null_rtol(deltas[0].dtype)
+    keep_c = min(k_c, numerical_rank(s, (m, n), rtol)) if rank_aware else k_c
     u_c = u[:, :keep_c]  # well-posed: arbitrary null-direction vectors are not projected out either
     us, vs, sigma_sum = [u_c], [vh[:keep_c].mT], s[:k_c].sum()
-    # Task-specific directions are null-tested like the polar factors (sqrt(eps)): after PACT
-    # and the common projection, what is left of a task vector can be pure round-off, and
-    # Iso-CTS would give it the full sigma_bar.
-    rtol = rank_rtol if rank_rtol is not None else torch.finfo(deltas[0].dtype).eps ** 0.5
+    # Null test of the task-specific remainders against the largest task norm: d_bar's round-off is
+    # relative to ||Delta_t||, and a task PACT has (almost) annihilated is round-off even relative
+    # to its own filtered norm.
+    scale = max(float(torch.linalg.matrix_norm(d)) for d in deltas)
     for d in deltas:
         if s_per == 0:
             break
         d_bar = d - u_c @ (u_c.mT @ d)  # the common left subspace projected out
         ut, st, vht = torch.linalg.svd(d_bar, full_matrices=False)
         sigma_sum = sigma_sum + st[:s_per].sum()
-        # Null test against the task's own scale: d_bar's round-off is relative to ||Delta_t||.
-        keep = int((st[:s_per] > rtol * torch.linalg.matrix_norm(d)).sum()) if rank_aware else s_per
+        keep = int((st[:s_per] > rtol * scale).sum()) if rank_aware else s_per
         us.append(ut[:, :keep])
         vs.append(vht[:keep].mT)
     sigma_bar = sigma_sum / r
@@ -148,20 +162,17 @@ def iso_cts_merge_lowrank(deltas: list[LowRankDelta], f: float, rank_rtol: float
     r, T = min(m, n), len(deltas)
     k_c, s_per = iso_cts_split(r, T, f)
     u, s, vh = stacked_svd(deltas)
-    keep_c = min(k_c, numerical_rank(s, (m, n), rank_rtol))
+    rtol = rank_rtol if rank_rtol is not None else null_rtol(deltas[0].dtype)  # as in iso_cts_merge
+    keep_c = min(k_c, numerical_rank(s, (m, n), rtol))
     u_c = u[:, :keep_c]
     us, vs, sigma_sum = [u_c], [vh[:keep_c].mT], s[:k_c].sum()
-    # Task-specific directions are null-tested like the polar factors (sqrt(eps)): after PACT
-    # and the common projection, what is left of a task vector can be pure round-off, and
-    # Iso-CTS would give it the full sigma_bar.
-    rtol = rank_rtol if rank_rtol is not None else torch.finfo(deltas[0].dtype).eps ** 0.5
+    scale = max(float(factor_svd(d)[1].norm()) for d in deltas)  # max_t ||B_t A_t||_F, as in iso_cts_merge
     for d in deltas:
         if s_per == 0:
             break
         ut, st, vht = factor_svd(LowRankDelta(d.B - u_c @ (u_c.mT @ d.B), d.A))
         sigma_sum = sigma_sum + st[:s_per].sum()
-        norm = factor_svd(d)[1].norm()  # ||B A||_F
-        keep = int((st[:s_per] > rtol * norm).sum())
+        keep = int((st[:s_per] > rtol * scale).sum())
         us.append(ut[:, :keep])
         vs.append(vht[:keep].mT)
     u_cat, v_cat = torch.cat(us, 1), torch.cat(vs, 1)
@@ -199,10 +210,12 @@ def iso_cts(base: Tensor, deltas: list[Delta], ctx: ParamContext, p: IsoCtsParam
 
     Well-posed form (default ``rank_aware: true``): common directions with a numerically zero
     singular value (below ``rank_rtol * S[0]``) and task-specific ones below ``rank_rtol *
-    ||Delta_t||_F`` are left out of U*, V*, and the polar factors are restricted to the numerical
-    range (``polar_factor(literal=False)``); sigma_bar is unchanged. Identical to the literal form
-    unless U* or V* is rank-deficient -- as after PACT with T >= 4, where the literal polar factor
-    fills the missing directions with arbitrary ones inside the protected core.
+    max_t ||Delta_t||_F`` are left out of U*, V*, and the polar factors are restricted to the numerical
+    range (``polar_factor(literal=False)``); sigma_bar is unchanged. ``rank_rtol`` defaults to
+    :func:`~pactmerge.linalg.null_rtol` (``sqrt(eps)``) in all three tests (see the module doc).
+    Identical to the literal form unless U* or V* is rank-deficient -- as after PACT with T >= 4,
+    where the literal polar factor fills the missing directions with arbitrary ones inside the
+    protected core.
     """
     scaled = [scale_delta(d, w) for d, w in zip(deltas, ctx.weights)]
     if ctx.info.is_matrix and p.rank_aware and all_lowrank(scaled):
