@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from pactmerge.config import MergeConfig, config_to_yaml, load_config
 from pactmerge.engine import iter_merged_params, open_inputs, output_layout, resolve_device
 from pactmerge.io.sources import Source
 from pactmerge.io.writer import ShardedWriter, atomic_output_dir, copy_non_weight_files, parse_size
+from pactmerge.stats import ModelData
 
 
 def merge(
@@ -23,6 +25,7 @@ def merge(
     device: str = "cpu",
     overwrite: bool = False,
     progress: bool = False,
+    calibration_data: Sequence[ModelData] | None = None,
     **overrides: Any,
 ) -> dict[str, Tensor] | Path:
     """Merge models as ``config`` says.
@@ -35,6 +38,9 @@ def merge(
             folder is a PEFT LoRA adapter instead (docs/lora.md); the in-memory result stays dense.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         overwrite: replace an existing ``output_dir``.
+        calibration_data: for data-aware methods/filters (PAVE, RegMean, Fisher): one
+            :class:`pactmerge.stats.ModelData` per model (its examples and how to load/run it);
+            the statistics are computed once and cached (docs/data_aware.md).
         **overrides: config keys given directly, e.g. ``merge(base_model=sd0, models=[sd1, sd2],
             method="iso_c", pact={"K": 15, "k": 8})``.
 
@@ -48,7 +54,7 @@ def merge(
         if overrides:
             cfg = load_config({**cfg.model_dump(), **overrides})
     dev = resolve_device(device)
-    inputs = open_inputs(cfg)
+    inputs = open_inputs(cfg, calibration_data)
     try:
         if output_dir is None:
             return dict(iter_merged_params(inputs, dev, progress))
@@ -160,7 +166,11 @@ def _merge_card(cfg: MergeConfig, inputs, files: list[str], copied: list[str], s
     return "\n".join(lines)
 
 
-def dry_run(config: MergeConfig | dict | str | os.PathLike, progress: bool = False) -> str:
+def dry_run(
+    config: MergeConfig | dict | str | os.PathLike,
+    progress: bool = False,
+    calibration_data: Sequence[ModelData] | None = None,
+) -> str:
     """Validate every input fully (keys, shapes, dtypes, and every tensor finite) and return the plan."""
     import sys
 
@@ -169,7 +179,7 @@ def dry_run(config: MergeConfig | dict | str | os.PathLike, progress: bool = Fal
     from pactmerge.plan import check_finite
 
     cfg = load_config(config)
-    inputs = open_inputs(cfg)
+    inputs = open_inputs(cfg, calibration_data)
     try:
         for info in tqdm(inputs.plan.params, desc="checking", unit="param", disable=not progress, file=sys.stderr):
             for src in [inputs.base, *inputs.models]:

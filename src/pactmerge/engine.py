@@ -34,6 +34,7 @@ from pactmerge.lowrank import Delta, add_to, densify, tensors_of
 from pactmerge.pipeline import Pipeline, Stage
 from pactmerge.plan import Plan, build_plan, check_finite, make_context
 from pactmerge.registry import ParamContext, ParamInfo
+from pactmerge.stats import Calibration, ModelData, plan_calibration
 
 
 def resolve_device(device: str) -> torch.device:
@@ -52,13 +53,18 @@ class MergeInputs:
     base: Source
     models: list[Source]
     plan: Plan
+    calibration: Calibration | None = None  # the data-aware stages' statistics (pactmerge.stats)
 
     def close(self) -> None:
+        if self.calibration is not None:
+            self.calibration.close()
         for s in [self.base, *self.models]:
             s.close()
 
 
-def open_inputs(cfg: MergeConfig) -> MergeInputs:
+def open_inputs(cfg: MergeConfig, calibration_data: Sequence[ModelData] | None = None) -> MergeInputs:
+    """Open and check every input. ``calibration_data``: one :class:`pactmerge.stats.ModelData` per
+    model, for the stages that need statistics (checked here, computed on the first merge pass)."""
     from pactmerge.io.lora import is_adapter, open_adapter
     from pactmerge.io.sources import open_source
 
@@ -77,7 +83,9 @@ def open_inputs(cfg: MergeConfig) -> MergeInputs:
             opened.append(src)
             models.append(src)
         plan = build_plan(cfg, base, models)
-        inputs = MergeInputs(cfg, base, models, plan)
+        inputs = MergeInputs(
+            cfg, base, models, plan, plan_calibration(cfg.pipeline, cfg.calibration, models, calibration_data)
+        )
         check_plan(inputs)
         return inputs
     except BaseException:
@@ -159,6 +167,15 @@ def merge_parameter(pipeline: Pipeline, base: Tensor, deltas: list[Delta], ctx: 
     return merged
 
 
+def param_context(inputs: MergeInputs, info: ParamInfo, stats: dict, device: torch.device) -> ParamContext:
+    """``make_context`` plus the parameter's calibration statistics (read when a stage asks)."""
+    ctx = make_context(inputs.cfg, info, stats)
+    cal = inputs.calibration
+    if cal is not None and cal.store is not None:
+        ctx.calibration = cal.store.view(info.name, device, inputs.cfg.compute_dtype)
+    return ctx
+
+
 class _Passes:
     """A re-iterable stream for ``prepare``: every iteration is one more full streaming pass."""
 
@@ -176,6 +193,8 @@ def prepare_stats(inputs: MergeInputs, device: torch.device, progress: bool = Fa
     and the post filters' see them after every pre filter. Returns ``{stage name: stats}``.
     """
     cfg = inputs.cfg
+    if inputs.calibration is not None:
+        inputs.calibration.ensure(inputs.models, progress)
     pre = cfg.pipeline.pre
     stats: dict = {}
     stages = [(i, f) for i, f in enumerate(pre) if f.spec.prepare is not None]
@@ -189,7 +208,7 @@ def prepare_stats(inputs: MergeInputs, device: torch.device, progress: bool = Fa
             for info in tqdm(
                 merged_params, desc=desc, unit="param", disable=not progress, file=sys.stderr, leave=False
             ):
-                ctx = make_context(cfg, info, stats)
+                ctx = param_context(inputs, info, stats, device)
                 base, deltas = read_deltas(inputs, info, device, lowrank=True)
                 yield ctx, base, accepted(stage, apply_filters(pre[:position], base, deltas, ctx))
 
@@ -215,7 +234,7 @@ def iter_merged_deltas(
         if info.kind == "copy":
             yield info, inputs.base.get(info.name), None
             continue
-        ctx: ParamContext = make_context(cfg, info, stats)
+        ctx = param_context(inputs, info, stats, device)
         base, deltas = read_deltas(inputs, info, device, lowrank=True)
         merged = merge_parameter(cfg.pipeline, base, deltas, ctx)
         for t in tensors_of(merged):

@@ -24,6 +24,12 @@ one more full streaming pass (re-reading the inputs), for statistics that one pa
 exactly (e.g. a k-th largest value by radix selection). ``check(p, info)`` may reject a parameter up front
 (e.g. a rank larger than a matrix allows) with a :class:`PactMergeError`.
 
+``needs=("covariance",)`` (or ``"fisher"``) declares calibration statistics the stage reads: the
+merge then runs the calibration pass first (:mod:`pactmerge.stats`) and the stage finds the
+parameter's per-model statistics, read lazily, as ``ctx.calibration`` (a
+:class:`pactmerge.stats.ParamStats`; ``ctx.calibration.covariance()`` is None for a parameter
+that has none, e.g. a bias or an embedding).
+
 ``lowrank=True`` declares that ``fn`` (and ``prepare``) accept task vectors given as
 :class:`pactmerge.lowrank.LowRankDelta` (LoRA adapters) mixed with dense tensors, and may return
 them; for every other method/filter the engine densifies them first, one parameter at a time.
@@ -80,6 +86,7 @@ class ParamContext:
     weights: list[float]  # per-model weight (default 1.0)
     model_params: list[dict[str, Any]]  # per-model method-specific options (e.g. a lambda per task)
     stats: dict[str, Any] = field(default_factory=dict)  # from the `prepare` passes, keyed by method/filter name
+    calibration: Any = None  # pactmerge.stats.ParamStats of this parameter, for stages that declare `needs`
 
     @property
     def name(self) -> str:
@@ -110,6 +117,7 @@ class Spec:
     doc: str = ""
     stage: str = "pre"  # filters only: "pre" (each task vector, before the method) or "post" (the merged one)
     lowrank: bool = False  # accepts pactmerge.lowrank.LowRankDelta task vectors; else the engine densifies them
+    needs: tuple[str, ...] = ()  # calibration statistics the stage reads (pactmerge.stats.KINDS)
 
 
 METHODS: dict[str, Spec] = {}
@@ -117,22 +125,40 @@ FILTERS: dict[str, Spec] = {}
 
 
 def _register(
-    table: dict[str, Spec], kind: str, name: str, params, prepare, check, stage: str = "pre", lowrank: bool = False
+    table: dict[str, Spec],
+    kind: str,
+    name: str,
+    params,
+    prepare,
+    check,
+    stage: str = "pre",
+    lowrank: bool = False,
+    needs: tuple[str, ...] = (),
 ):
     if stage not in ("pre", "post"):
         raise ValueError(f"{kind} {name!r}: stage must be 'pre' or 'post', not {stage!r}")
+    if any(n not in ("covariance", "fisher") for n in needs):  # pactmerge.stats.KINDS
+        raise ValueError(f"{kind} {name!r}: needs must name covariance / fisher, not {needs!r}")
 
     def deco(fn):
         if name in table:
             raise RuntimeError(f"{kind} {name!r} registered twice")
-        table[name] = Spec(name, fn, params or NoParams, prepare, check, (fn.__doc__ or "").strip(), stage, lowrank)
+        doc = (fn.__doc__ or "").strip()
+        table[name] = Spec(name, fn, params or NoParams, prepare, check, doc, stage, lowrank, tuple(needs))
         return fn
 
     return deco
 
 
-def register_method(name: str, params: type[BaseModel] | None = None, prepare=None, check=None, lowrank: bool = False):
-    return _register(METHODS, "method", name, params, prepare, check, lowrank=lowrank)
+def register_method(
+    name: str,
+    params: type[BaseModel] | None = None,
+    prepare=None,
+    check=None,
+    lowrank: bool = False,
+    needs: tuple[str, ...] = (),
+):
+    return _register(METHODS, "method", name, params, prepare, check, lowrank=lowrank, needs=needs)
 
 
 def register_filter(
@@ -142,8 +168,9 @@ def register_filter(
     check=None,
     stage: str = "pre",
     lowrank: bool = False,
+    needs: tuple[str, ...] = (),
 ):
-    return _register(FILTERS, "filter", name, params, prepare, check, stage, lowrank)
+    return _register(FILTERS, "filter", name, params, prepare, check, stage, lowrank, needs)
 
 
 def _load_builtins() -> None:

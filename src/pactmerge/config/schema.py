@@ -14,6 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from pactmerge.pipeline import Pipeline, resolve_pipeline
+from pactmerge.stats.settings import CalibrationSettings
 
 ModelRef = str | os.PathLike | Mapping  # a path, or an in-memory state dict (Python API)
 
@@ -57,6 +58,8 @@ class MergeConfig(BaseModel):
     # (pactmerge.io.adapter_writer); rank = the update's numerical rank, at most `adapter_rank`.
     output: Literal["dense", "adapter"] = "dense"
     adapter_rank: int | None = Field(None, ge=1)
+    # Data-aware stages (PAVE, RegMean, Fisher): how the calibration pass runs (pactmerge.stats).
+    calibration: CalibrationSettings | None = None
 
     _pipeline: Pipeline | None = PrivateAttr(default=None)
 
