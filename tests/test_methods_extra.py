@@ -184,8 +184,9 @@ def test_ties_output_agrees_with_elected_sign(rng, T):
 # -- Consensus --------------------------------------------------------------------------------
 
 
-def np_consensus_mask(ds, lams, k):
-    mtl = sum(ds)
+def np_consensus_mask(ds, lams, k, mtl=None):
+    """Wang et al.: TALL masks |Delta_t| >= lambda_t |tau_MTL - Delta_t| from the merged vector, count >= k."""
+    mtl = sum(ds) if mtl is None else mtl
     count = sum((np.abs(d) >= lam * np.abs(mtl - d)).astype(int) for d, lam in zip(ds, lams))
     return count >= k
 
@@ -203,11 +204,11 @@ def test_consensus_matches_formula(rng, T, base_method):
     out = run(base, models, "consensus", model_params=mp, parameters=params)
     for k in base:
         ds = deltas_of(base, models, k)
-        mask = np_consensus_mask(ds, lams, 2)
-        if base_method == "ties":
-            merged = np_ties_merge([np_trim(d, np_kth_largest(d, int(0.4 * d.size))) for d in ds], [1.0] * T, "mean")
+        if base_method == "ties":  # the paper's Consensus-TIES: disjoint *sum*, masks from that vector
+            merged = np_ties_merge([np_trim(d, np_kth_largest(d, int(0.4 * d.size))) for d in ds], [1.0] * T, "sum")
         else:
             merged = sum(ds)
+        mask = np_consensus_mask(ds, lams, 2, merged)
         np.testing.assert_allclose(out[k], base[k] + mask * merged, atol=1e-12)
 
 
@@ -225,6 +226,26 @@ def test_consensus_rejects_bad_model_lambda(rng):
         run(base, models, "consensus", model_params=[{"lambda": -1}, {}])
 
 
+def test_consensus_ties_mean_aggregate_still_reachable(rng):
+    base, models = layer_models(rng, 3)
+    params = {"base_method": "ties", "ties": {"scope": "tensor", "aggregate": "mean", "density": 0.5}}
+    out = run(base, models, "consensus", parameters=params)
+    for k in base:
+        ds = deltas_of(base, models, k)
+        mtl = np_ties_merge([np_trim(d, np_kth_largest(d, int(0.5 * d.size))) for d in ds], [1.0] * 3, "mean")
+        np.testing.assert_allclose(out[k] - base[k], np_consensus_mask(ds, [0.6] * 3, 2, mtl) * mtl, atol=1e-12)
+
+
+def test_consensus_weighted_ta_masks_use_the_weighted_sum(rng):
+    base, models = layer_models(rng, 3)
+    w = [0.5, 1.0, 2.0]
+    out = run(base, models, "consensus", weights=w, parameters={"lambda": 0.4})
+    for k in base:
+        ds = deltas_of(base, models, k)
+        mtl = sum(wi * d for wi, d in zip(w, ds))
+        np.testing.assert_allclose(out[k] - base[k], np_consensus_mask(ds, [0.4] * 3, 2, mtl) * mtl, atol=1e-12)
+
+
 def test_consensus_model_scope_ties(rng):
     base, models = layer_models(rng, 3)
     out = run(base, models, "consensus", parameters={"base_method": "ties", "lambda": 0.3, "ties": {"scope": "model"}})
@@ -237,9 +258,8 @@ def test_consensus_model_scope_ties(rng):
     ]
     for k in keys:
         ds = deltas_of(base, models, k)
-        ref = np_consensus_mask(ds, [0.3] * 3, 2) * np_ties_merge(
-            [np_trim(d, t) for d, t in zip(ds, taus)], [1.0] * 3, "mean"
-        )
+        mtl = np_ties_merge([np_trim(d, t) for d, t in zip(ds, taus)], [1.0] * 3, "sum")
+        ref = np_consensus_mask(ds, [0.3] * 3, 2, mtl) * mtl
         np.testing.assert_allclose(out[k] - base[k], ref, atol=1e-12)
 
 

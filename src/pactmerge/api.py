@@ -15,6 +15,7 @@ from pactmerge.config import MergeConfig, config_to_yaml, load_config
 from pactmerge.engine import iter_merged_params, open_inputs, output_layout, resolve_device
 from pactmerge.io.sources import Source
 from pactmerge.io.writer import ShardedWriter, atomic_output_dir, copy_non_weight_files, parse_size
+from pactmerge.modulators import ModulatorWriter
 from pactmerge.stats import ModelData
 
 
@@ -36,6 +37,9 @@ def merge(
         output_dir: if given, write an HF-style folder there (atomically) and return its path;
             otherwise return the merged state dict. With ``output: adapter`` in the config the
             folder is a PEFT LoRA adapter instead (docs/lora.md); the in-memory result stays dense.
+            A method with per-task outputs (``tall_masks``, ``tsv_c``) also writes
+            ``task_modulators/`` there (:func:`pactmerge.materialize` rebuilds task t's model);
+            in memory only the merged model is returned.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         overwrite: replace an existing ``output_dir``.
         calibration_data: for data-aware methods/filters (PAVE, RegMean, Fisher): one
@@ -65,18 +69,55 @@ def merge(
         inputs.close()
 
 
+def _path_or_none(ref) -> str | None:
+    return os.path.abspath(ref) if isinstance(ref, (str, os.PathLike)) else None
+
+
 def _write(inputs, output_dir: Path, device, overwrite: bool, progress: bool) -> Path:
     cfg = inputs.cfg
     start = time.perf_counter()
     with atomic_output_dir(output_dir, overwrite) as tmp:
         writer = ShardedWriter(tmp, output_layout(inputs), parse_size(cfg.max_shard_size))
-        for name, tensor in iter_merged_params(inputs, device, progress):
+        modulators = None
+        if cfg.pipeline.method.spec.task_specific:
+            # Per-task outputs (TALL masks, TSV-C) go beside the model: pactmerge.modulators.
+            modulators = ModulatorWriter(
+                tmp,
+                [_path_or_none(m.model) or src.label for m, src in zip(cfg.models, inputs.models)],
+                method=cfg.method,
+                alpha=cfg.alpha,
+                base_model=_path_or_none(cfg.base_model),
+            )
+        sink = (lambda info, mods: modulators.add(info.name, info.shape, mods)) if modulators else None
+        for name, tensor in iter_merged_params(inputs, device, progress, on_modulators=sink):
             writer.add(name, tensor)
         files = writer.close()
+        if modulators is not None:
+            modulators.close()
         copied = copy_non_weight_files(inputs.base.folder, tmp) if inputs.base.folder else []
         (tmp / "pactmerge_config.yaml").write_text(config_to_yaml(cfg))
-        (tmp / "README.md").write_text(_merge_card(cfg, inputs, files, copied, time.perf_counter() - start))
+        card = _merge_card(cfg, inputs, files, copied, time.perf_counter() - start)
+        if modulators is not None:
+            card += _modulators_section(output_dir, len(inputs.models))
+        (tmp / "README.md").write_text(card)
     return output_dir
+
+
+def _modulators_section(output_dir: Path, num_tasks: int) -> str:
+    return "\n".join(
+        [
+            "## Per-task models",
+            "",
+            f'`task_modulators/` holds one modulator file per task (docs/methods.md, "Per-task outputs"). Task t\'s'
+            " own model (t = 0 .."
+            f" {num_tasks - 1}, the models' order above):",
+            "",
+            "```",
+            f"pactmerge materialize {output_dir} t DEST",
+            "```",
+            "",
+        ]
+    )
 
 
 def _write_adapter(inputs, output_dir: Path, device, overwrite: bool, progress: bool) -> Path:
@@ -89,6 +130,10 @@ def _write_adapter(inputs, output_dir: Path, device, overwrite: bool, progress: 
     from pactmerge.lowrank import scale_delta
 
     cfg = inputs.cfg
+    if cfg.pipeline.method.spec.task_specific:
+        raise PactMergeError(
+            f"output: adapter cannot carry the per-task outputs of method {cfg.method!r}; use output: dense"
+        )
     layouts = {s.fan_in_fan_out for s in inputs.models if isinstance(s, LoraSource)}
     if len(layouts) > 1:
         raise PactMergeError("output: adapter: the input adapters disagree on fan_in_fan_out")

@@ -58,6 +58,24 @@ def merge(
     typer.echo(f"wrote {out}")
 
 
+@app.command("materialize")
+def materialize(
+    out_dir: Path = typer.Argument(..., help="A merged model folder with task_modulators/ (tall_masks, tsv_c)."),
+    task: str = typer.Argument(..., help="Task number (the model's position in the config) or its model's path."),
+    dest: Path = typer.Argument(..., help="Folder to write task TASK's model to (HF layout)."),
+    base_model: Path = typer.Option(None, help="The pretrained model (default: the path recorded at merge time)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace DEST if it exists."),
+):
+    """Write one task's own model from a merge with per-task outputs (TALL masks, TSV-C)."""
+    from pactmerge.modulators import materialize as do_materialize
+
+    try:
+        out = do_materialize(out_dir, task, dest, base_model=base_model, overwrite=overwrite)
+    except PactMergeError as e:
+        _fail(e)
+    typer.echo(f"wrote {out}")
+
+
 @app.command("methods")
 def list_methods():
     """List the registered merging methods and filters."""

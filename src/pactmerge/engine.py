@@ -15,12 +15,17 @@ are excluded or not floating point are copied from the base.
 LoRA adapters (``pactmerge.io.lora``): an adapter's ``Delta_t`` of a 2-D weight is a
 :class:`~pactmerge.lowrank.LowRankDelta` (its factors); filters and methods registered with
 ``lowrank=True`` receive it as is, every other one the dense matrix (formed per parameter).
+
+Task-specific methods (TALL masks, TSV-C; :mod:`pactmerge.modulators`) return the shared merged
+task vector plus one modulator per task: post filters run on the shared vector and on every
+replacement; the shared vector is what the engine yields, and the modulators go to the
+``on_modulators`` callback of :func:`iter_merged_deltas` (the API writes them beside the model).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +36,7 @@ from pactmerge.config import DTYPES, MergeConfig
 from pactmerge.errors import PactMergeError
 from pactmerge.io.sources import Source
 from pactmerge.lowrank import Delta, add_to, densify, tensors_of
+from pactmerge.modulators import MethodResult, Modulator, map_updates, split_result
 from pactmerge.pipeline import Pipeline, Stage
 from pactmerge.plan import Plan, build_plan, check_finite, make_context
 from pactmerge.registry import ParamContext, ParamInfo
@@ -148,7 +154,7 @@ def apply_filters(stages: Sequence[Stage], base: Tensor, deltas: list[Delta], ct
     return deltas
 
 
-def merge_parameter(pipeline: Pipeline, base: Tensor, deltas: list[Delta], ctx: ParamContext) -> Delta:
+def merge_parameter(pipeline: Pipeline, base: Tensor, deltas: list[Delta], ctx: ParamContext) -> MethodResult:
     """One parameter through the pipeline: pre filters, the method, post filters.
 
     Args:
@@ -157,14 +163,15 @@ def merge_parameter(pipeline: Pipeline, base: Tensor, deltas: list[Delta], ctx: 
         ctx: the parameter's context (:func:`pactmerge.plan.make_context`), with the prepare stats.
 
     Returns:
-        The merged task vector (a :class:`LowRankDelta` only if every stage kept the factors).
+        The merged task vector (a :class:`LowRankDelta` only if every stage kept the factors), or,
+        for a task-specific method, a :class:`~pactmerge.modulators.TaskSpecific` whose shared
+        vector and replacements went through the post filters.
     """
     deltas = apply_filters(pipeline.pre, base, deltas, ctx)
     method = pipeline.method
     merged = method.spec.fn(base, accepted(method, deltas), ctx, method.params)
     del deltas
-    (merged,) = apply_filters(pipeline.post, base, [merged], ctx)
-    return merged
+    return map_updates(merged, lambda update: apply_filters(pipeline.post, base, [update], ctx)[0])
 
 
 def param_context(inputs: MergeInputs, info: ParamInfo, stats: dict, device: torch.device) -> ParamContext:
@@ -218,14 +225,20 @@ def prepare_stats(inputs: MergeInputs, device: torch.device, progress: bool = Fa
 
 
 def iter_merged_deltas(
-    inputs: MergeInputs, device: str | torch.device = "cpu", progress: bool = False, lowrank: bool = False
+    inputs: MergeInputs,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    lowrank: bool = False,
+    on_modulators: Callable[[ParamInfo, list[Modulator]], None] | None = None,
 ) -> Iterator[tuple[ParamInfo, Tensor, Delta | None]]:
     """Yield ``(info, base, merged_delta)`` per parameter, in the plan's order.
 
     ``base`` and ``merged_delta`` are in the compute dtype on ``device``; ``merged_delta`` is None
     for copied parameters. The caller forms ``base + alpha * merged_delta`` (so one pass serves a
     whole grid of alpha values). With ``lowrank`` a merged delta may be a :class:`LowRankDelta`
-    (a low-rank-aware method on adapters); otherwise it is always dense.
+    (a low-rank-aware method on adapters); otherwise it is always dense. A task-specific method's
+    merged delta is its shared vector; its per-task modulators are passed to ``on_modulators``
+    (before the parameter is yielded) when given.
     """
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     cfg = inputs.cfg
@@ -236,9 +249,12 @@ def iter_merged_deltas(
             continue
         ctx = param_context(inputs, info, stats, device)
         base, deltas = read_deltas(inputs, info, device, lowrank=True)
-        merged = merge_parameter(cfg.pipeline, base, deltas, ctx)
-        for t in tensors_of(merged):
+        merged, modulators = split_result(merge_parameter(cfg.pipeline, base, deltas, ctx))
+        replacements = [m.replacement for m in modulators or [] if m.replacement is not None]
+        for t in (t for d in [merged, *replacements] for t in tensors_of(d)):
             check_finite(t, f"method {cfg.method}", info.name)
+        if modulators is not None and on_modulators is not None:
+            on_modulators(info, modulators)
         yield info, base, merged if lowrank else densify([merged])[0]
 
 
@@ -251,12 +267,16 @@ def output_layout(inputs: MergeInputs) -> list[tuple[str, tuple[int, ...], torch
 
 
 def iter_merged_params(
-    inputs: MergeInputs, device: str | torch.device = "cpu", progress: bool = False
+    inputs: MergeInputs,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    on_modulators: Callable[[ParamInfo, list[Modulator]], None] | None = None,
 ) -> Iterator[tuple[str, Tensor]]:
-    """Yield ``(name, theta)`` with ``theta = theta_0 + alpha * merged`` in the output dtype, on the CPU."""
+    """Yield ``(name, theta)`` with ``theta = theta_0 + alpha * merged`` in the output dtype, on the CPU
+    (``on_modulators``: see :func:`iter_merged_deltas`)."""
     cfg = inputs.cfg
     out_dtype = DTYPES[cfg.out_dtype] if cfg.out_dtype else None
-    for info, base, merged in iter_merged_deltas(inputs, device, progress, lowrank=True):
+    for info, base, merged in iter_merged_deltas(inputs, device, progress, lowrank=True, on_modulators=on_modulators):
         if merged is None:
             yield info.name, base
             continue

@@ -97,7 +97,19 @@ def build_plan(cfg: MergeConfig, base: Source, models: list[Source]) -> Plan:
             frac = 0.0
         else:
             frac = 1.0
-        params.append(ParamInfo(name, tuple(shape), dtype, kind, idx, frac))
+        params.append(
+            ParamInfo(
+                name,
+                tuple(shape),
+                dtype,
+                kind,
+                idx,
+                frac,
+                num_models=len(models),
+                layer_rank=None if idx is None else rank[idx],
+                num_layers=len(distinct),
+            )
+        )
     return Plan(params, len(distinct), ignored)
 
 

@@ -33,6 +33,10 @@ that has none, e.g. a bias or an embedding).
 ``lowrank=True`` declares that ``fn`` (and ``prepare``) accept task vectors given as
 :class:`pactmerge.lowrank.LowRankDelta` (LoRA adapters) mixed with dense tensors, and may return
 them; for every other method/filter the engine densifies them first, one parameter at a time.
+
+``task_specific=True`` declares a method that returns a :class:`pactmerge.modulators.TaskSpecific`
+(the shared merged task vector plus one modulator per task: a mask, a scale and/or a replacement)
+instead of a tensor, for parameters where it recovers each task's own update (TALL masks, TSV-C).
 """
 
 from __future__ import annotations
@@ -68,6 +72,9 @@ class ParamInfo:
     kind: str  # "matrix" (2-D, merged by the SVD-aware path), "vector" (other float), "copy" (int/bool/excluded)
     layer: int | None  # layer index parsed from the name (see plan.layer_position)
     depth_fraction: float  # position of the layer in (0, 1]: filters with depth d apply when <= d
+    num_models: int = 0  # how many task vectors the method will receive (0: not known, e.g. a hand-made info)
+    layer_rank: int | None = None  # 0-based rank of `layer` among the model's distinct layer indices
+    num_layers: int = 0  # how many distinct layer indices the model has
 
     @property
     def is_matrix(self) -> bool:
@@ -117,6 +124,7 @@ class Spec:
     doc: str = ""
     stage: str = "pre"  # filters only: "pre" (each task vector, before the method) or "post" (the merged one)
     lowrank: bool = False  # accepts pactmerge.lowrank.LowRankDelta task vectors; else the engine densifies them
+    task_specific: bool = False  # methods only: may return a pactmerge.modulators.TaskSpecific (per-task outputs)
     needs: tuple[str, ...] = ()  # calibration statistics the stage reads (pactmerge.stats.KINDS)
 
 
@@ -133,6 +141,7 @@ def _register(
     check,
     stage: str = "pre",
     lowrank: bool = False,
+    task_specific: bool = False,
     needs: tuple[str, ...] = (),
 ):
     if stage not in ("pre", "post"):
@@ -144,7 +153,9 @@ def _register(
         if name in table:
             raise RuntimeError(f"{kind} {name!r} registered twice")
         doc = (fn.__doc__ or "").strip()
-        table[name] = Spec(name, fn, params or NoParams, prepare, check, doc, stage, lowrank, tuple(needs))
+        table[name] = Spec(
+            name, fn, params or NoParams, prepare, check, doc, stage, lowrank, task_specific, tuple(needs)
+        )
         return fn
 
     return deco
@@ -156,9 +167,12 @@ def register_method(
     prepare=None,
     check=None,
     lowrank: bool = False,
+    task_specific: bool = False,
     needs: tuple[str, ...] = (),
 ):
-    return _register(METHODS, "method", name, params, prepare, check, lowrank=lowrank, needs=needs)
+    return _register(
+        METHODS, "method", name, params, prepare, check, lowrank=lowrank, task_specific=task_specific, needs=needs
+    )
 
 
 def register_filter(
@@ -170,7 +184,7 @@ def register_filter(
     lowrank: bool = False,
     needs: tuple[str, ...] = (),
 ):
-    return _register(FILTERS, "filter", name, params, prepare, check, stage, lowrank, needs)
+    return _register(FILTERS, "filter", name, params, prepare, check, stage, lowrank, needs=needs)
 
 
 def _load_builtins() -> None:

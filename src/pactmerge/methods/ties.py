@@ -53,7 +53,7 @@ and re-runs the filters before the method (deterministic, so the merge pass sees
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import torch
@@ -181,8 +181,18 @@ class _Select:
             self.collect = True
 
 
-def model_thresholds(stream: Iterable, p: TiesParams) -> list[float]:
-    """Each task's exact k-th largest |Delta_t| over every parameter of the stream (see module doc)."""
+def model_thresholds(stream: Iterable, count: Callable[[int], int]) -> list[float]:
+    """Each task's exact k-th largest |x_t| over every parameter of the stream (see module doc).
+
+    Args:
+        stream: re-iterable over ``(ctx, base, [x_1, ..., x_T])`` (one full pass per iteration);
+            ``x_t`` are any same-count lists of tensors whose magnitudes are ranked (task vectors
+            for TIES; KnOTS's scaled coordinates, PCB's scores for those methods).
+        count: ``k = count(n)`` for a task with ``n`` entries in all.
+
+    Returns:
+        ``[tau_1, ..., tau_T]`` (``+inf`` for k = 0: nothing is kept).
+    """
     sel: list[_Select] | None = None
     ks: list[int] = []
     while True:
@@ -197,7 +207,7 @@ def model_thresholds(stream: Iterable, p: TiesParams) -> list[float]:
         if sel is None:
             return []
         if not ks:
-            ks = [trim_count(s.n, p) for s in sel]
+            ks = [min(count(s.n), s.n) for s in sel]
             for s, k in zip(sel, ks):
                 if k == 0 or s.n == 0:
                     s.result = float("inf")
@@ -209,10 +219,23 @@ def model_thresholds(stream: Iterable, p: TiesParams) -> list[float]:
             return [float(s.result) for s in sel if s.result is not None]
 
 
+class MappedStream:
+    """A re-iterable view of a ``prepare`` stream with ``fn(ctx, base, xs) -> xs'`` applied to each
+    item (e.g. the quantities a model-wide top-k ranks, computed from the task vectors)."""
+
+    def __init__(self, stream: Iterable, fn: Callable):
+        self._stream = stream
+        self._fn = fn
+
+    def __iter__(self):
+        for ctx, base, xs in self._stream:
+            yield ctx, base, self._fn(ctx, base, xs)
+
+
 def ties_prepare(stream, p: TiesParams) -> dict:
     if p.scope != "model":
         return {}
-    return {"thresholds": model_thresholds(stream, p)}
+    return {"thresholds": model_thresholds(stream, lambda n: trim_count(n, p))}
 
 
 def thresholds_for(deltas: list[Tensor], ctx: ParamContext, p: TiesParams, stats: dict | None) -> list[float]:
