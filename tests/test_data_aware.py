@@ -380,3 +380,117 @@ def test_fisher_floor_weights_and_zero_fisher(rng):
         w[0] * (F[0] + 0.5) + w[1] * (F[1] + 0.5)
     )
     torch.testing.assert_close(eps, ref2)
+
+
+# -- EMR-Merging -----------------------------------------------------------------------------------
+
+
+def np_emr(deltas: list[dict], names, variant="entries"):
+    """EMR written from the paper: tau_uni, masks, rescalers over every parameter in ``names``."""
+    uni, masks = {}, [{} for _ in deltas]
+    for n in names:
+        taus = [d[n] for d in deltas]
+        sign = np.sign(sum(taus))
+        agree = [np.where(t * sign > 0, np.abs(t), 0.0) for t in taus]
+        uni[n] = sign * np.max(agree, axis=0)
+        for t, tau in enumerate(taus):
+            masks[t][n] = tau * uni[n] > 0
+    lam = []
+    for t, d in enumerate(deltas):
+        if variant == "entries":
+            num = sum(np.abs(d[n]).sum() for n in names)
+            den = sum(np.abs(masks[t][n] * uni[n]).sum() for n in names)
+        else:
+            num = sum(np.abs(d[n]).mean() for n in names)
+            den = sum(np.abs(masks[t][n] * uni[n]).mean() for n in names)
+        lam.append(num / den)
+    return uni, masks, lam
+
+
+@pytest.mark.parametrize("variant", ["entries", "tensor_means"])
+def test_emr_masks_rescalers_and_materialised_tasks(tmp_path, variant):
+    base, fts = family(3, seed=5)
+    alpha = 0.8
+    out = pactmerge.merge(
+        base_model=base,
+        models=fts,
+        method="emr",
+        parameters={"rescaler_sum": variant},
+        alpha=alpha,
+        dtype="float64",
+        output_dir=None,
+    )
+    deltas = [{k: (sd[k] - base[k]).numpy() for k in base} for sd in fts]
+    uni, masks, lam = np_emr(deltas, list(base), variant)
+    for k in base:  # the shared output is theta_0 + alpha tau_uni
+        np.testing.assert_allclose(out[k].numpy(), base[k].numpy() + alpha * uni[k], atol=1e-12)
+    folder = tmp_path / "merged"
+    base_path = tmp_path / "base.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(base, str(base_path))
+    pactmerge.merge(
+        base_model=str(base_path),
+        models=fts,
+        method="emr",
+        parameters={"rescaler_sum": variant},
+        alpha=alpha,
+        dtype="float64",
+        output_dir=folder,
+    )
+    from pactmerge.modulators import read_index
+
+    index = read_index(folder)
+    assert index["method"] == "emr" and set(index["parameters"]) == set(base)
+    for t in range(3):
+        dest = pactmerge.materialize(folder, t, tmp_path / f"task{t}")
+        from safetensors.torch import load_file
+
+        got = load_file(str(dest / "model.safetensors"))
+        for k in base:
+            expect = base[k].numpy() + alpha * lam[t] * masks[t][k] * uni[k]
+            np.testing.assert_allclose(got[k].numpy(), expect, atol=1e-12, err_msg=f"task {t} {k}")
+
+
+def test_emr_elect_rules_and_weights(rng):
+    from pactmerge.methods.emr import elect
+
+    a = t64(np.array([1.0, -2.0, 3.0, 0.5]))
+    b = t64(np.array([-1.0, -1.0, -4.0, 0.25]))
+    uni, (ma, mb) = elect([a, b])
+    torch.testing.assert_close(uni, t64(np.array([0.0, -2.0, -4.0, 0.5])))  # sum 0: no sign, nothing kept
+    assert ma.tolist() == [False, True, False, True] and mb.tolist() == [False, True, True, True]
+    base, fts = family(2, seed=6)
+    w = [2.0, 0.5]
+    got = pactmerge.merge(
+        base_model=base, models=[{"model": m, "weight": x} for m, x in zip(fts, w)], method="emr", dtype="float64"
+    )
+    scaled = [{k: x * (sd[k] - base[k]).numpy() for k in base} for sd, x in zip(fts, w)]
+    uni, _, _ = np_emr(scaled, list(base))
+    for k in base:
+        np.testing.assert_allclose(got[k].numpy(), base[k].numpy() + uni[k], atol=1e-12)
+
+
+def test_pave_emr_is_emr_on_purified_task_vectors(tmp_path):
+    base, fts = family(3)
+    folder = tmp_path / "out"
+    cfg = {
+        "base_model": base,
+        "models": fts,
+        "method": "emr",
+        "filters": ["pave"],
+        "dtype": "float64",
+        "calibration": {"samples": 16, "cache_dir": str(tmp_path / "stats"), "dtype": "float64"},
+    }
+    shared = pactmerge.merge(cfg, calibration_data=model_data(fts))
+    ref = reference_pave_deltas(base, fts)
+    uni, masks, lam = np_emr(ref, list(base))
+    for k in base:
+        np.testing.assert_allclose(shared[k].numpy(), base[k].numpy() + uni[k], atol=1e-9)
+    from safetensors.torch import load_file, save_file
+
+    save_file(base, str(tmp_path / "base.safetensors"))
+    pactmerge.merge({**cfg, "base_model": str(tmp_path / "base.safetensors")}, folder, calibration_data=model_data(fts))
+    got = load_file(str(pactmerge.materialize(folder, 1, tmp_path / "task1") / "model.safetensors"))
+    for k in base:
+        np.testing.assert_allclose(got[k].numpy(), base[k].numpy() + lam[1] * masks[1][k] * uni[k], atol=1e-9)

@@ -5,6 +5,7 @@ from pactmerge.methods import (  # noqa: F401
     cart,
     consensus,
     della,
+    emr,
     fisher_merge,
     isotropic,
     knots,
