@@ -32,7 +32,7 @@ CHILD = textwrap.dedent(
     args = json.loads(sys.argv[1])
     torch.set_num_threads(args["threads"])
     from pactmerge.eval.bench import FROZEN
-    from pactmerge.eval.calibration import text_calibration
+    from pactmerge.eval.bench_calibration import text_calibration
     from pactmerge.eval.finetune import FinetuneConfig, get_finetuned, load_model, load_tokenizer, prepare_base
     from pactmerge.eval.heads import build_head
     from pactmerge.eval.tasks import load_tasks, suite_tasks
