@@ -83,9 +83,10 @@ def model_data(fts, n: int = 24, seed: int = 10, **kw) -> list[ModelData]:
     return [ModelData(examples(n, seed + t), loader(sd), **kw) for t, sd in enumerate(fts)]
 
 
-def manual_covariances(sd: dict[str, torch.Tensor], exs) -> dict[str, torch.Tensor]:
+def manual_covariances(sd: dict[str, torch.Tensor], exs, **shape) -> dict[str, torch.Tensor]:
     """sum x x^T of each linear layer's input, by a hand-written float64 forward, one example at a time."""
-    m = loader(sd)()
+    m = Tiny(**shape).double()
+    m.load_state_dict(sd)
     out: dict[str, torch.Tensor] = {}
 
     def add(name, x):

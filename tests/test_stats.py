@@ -6,6 +6,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import pactmerge
@@ -43,6 +45,22 @@ def test_hooks_sum_xxT_over_real_tokens_only(batch_size):
     for mod, pname in names.items():
         np.testing.assert_allclose(got[mod].sum.numpy(), ref[pname].numpy(), rtol=1e-12, atol=1e-12)
         assert got[mod].count == (11 if mod == "head" else tokens)  # the head sees one pooled row per example
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 12), st.integers(1, 8), st.sampled_from([torch.float32, torch.float64]))
+def test_hooks_property_random_shapes_and_dtypes(n, batch_size, d, dtype):
+    torch.manual_seed(n * 100 + d)
+    model = Tiny(d=d, h=d + 2).to(dtype).eval()
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    exs = examples(n, seed=n + d)
+    got = collect_covariances(model, (collate(exs[i : i + batch_size]) for i in range(0, n, batch_size)))
+    ref = manual_covariances(sd, exs, d=d, h=d + 2)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for i in range(2):
+        for w in ("up", "down"):
+            r = ref[f"layers.{i}.{w}.weight"].numpy()
+            np.testing.assert_allclose(got[f"layers.{i}.{w}"].sum.numpy(), r, rtol=tol, atol=tol * np.abs(r).max())
 
 
 def test_padding_is_masked_even_when_padded_inputs_are_large():
@@ -273,3 +291,21 @@ def test_tiny_model_fixture_matches_its_hand_forward():
     for blk in m.layers:
         x = x + blk["down"](torch.tanh(blk["up"](x)))
     torch.testing.assert_close(m.hidden(ids), x)
+
+
+def test_cli_merge_with_a_data_aware_stage_and_no_data(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from pactmerge.cli import app
+    from pactmerge.synthetic import make_checkpoints
+
+    base, models = make_checkpoints(tmp_path / "in", n_models=2, layers=1, hidden=8)
+    path = tmp_path / "merge.yaml"
+    cfg = {"base_model": str(base), "models": [str(m) for m in models], "method": "regmean"}
+    path.write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(app, ["merge", str(path), str(tmp_path / "out"), "--no-progress"])
+    assert res.exit_code != 0
+    msg = res.output.strip()
+    assert "regmean need(s) calibration statistics" in msg and len(msg.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
