@@ -309,3 +309,31 @@ def test_cli_merge_with_a_data_aware_stage_and_no_data(tmp_path):
     msg = res.output.strip()
     assert "regmean need(s) calibration statistics" in msg and len(msg.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_store_streams_one_parameter_and_fills_a_layer_a_model_never_ran(tmp_path):
+    from pactmerge.filters.pave import PaveParams, pave
+    from pactmerge.registry import ParamContext, ParamInfo
+    from pactmerge.stats import StatsStore
+    from pactmerge.stats.cache import identity, write_stats
+
+    C0 = torch.eye(3, dtype=torch.float64) * 2
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    write_stats(paths[0], identity("covariance", "m0", "d", 4, "float64"), {"w": C0}, {"w": 7}, {"w": "out_in"})
+    write_stats(paths[1], identity("covariance", "m1", "d", 4, "float64"), {}, {}, {})  # w never ran in model 1
+    store = StatsStore({"covariance": paths}, [4, 4])
+    view = store.view("w", "cpu", torch.float64)
+    assert view.counts("covariance") == [7, 0] and view.examples == [4, 4]
+    covs = view.covariance()
+    assert torch.equal(covs[0], C0) and torch.equal(covs[1], torch.zeros(3, 3, dtype=torch.float64))
+    assert store.view("other", "cpu", torch.float64).covariance() is None
+    info = ParamInfo("w", (2, 3), torch.float64, "matrix", 0, 1.0)
+    deltas = [torch.randn(2, 3, dtype=torch.float64) for _ in range(2)]
+    out = pave(
+        torch.zeros(2, 3, dtype=torch.float64),
+        deltas,
+        ParamContext(info, 0, [1.0, 1.0], [{}, {}], calibration=view),
+        PaveParams(rho=0.5),
+    )
+    assert torch.equal(out[1], deltas[1])  # no statistics in that model: its task vector is kept
+    assert torch.linalg.matrix_rank(out[0]) == 1  # model 0 alone takes the allocation: rank 1 of 2

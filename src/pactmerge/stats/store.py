@@ -124,11 +124,10 @@ class StatsStore:
             counts[kind] = [int(m.get("counts", {}).get(name, 0)) if p else 0 for m, p in zip(metas, present)]
 
             def load(handles=handles, present=present, first=first) -> list[Tensor]:
-                ref = handles[first].get_tensor(name)
-                return [
-                    (h.get_tensor(name) if p else torch.zeros_like(ref)).to(device=device, dtype=dtype)
-                    for h, p in zip(handles, present)
-                ]
+                got = {
+                    t: h.get_tensor(name).to(device=device, dtype=dtype) for t, h in enumerate(handles) if present[t]
+                }
+                return [got[t] if t in got else torch.zeros_like(got[first]) for t in range(len(handles))]
 
             loaders[kind] = load
         return ParamStats(name, loaders, counts, layout, self.examples)
