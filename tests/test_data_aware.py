@@ -148,6 +148,20 @@ def test_pave_three_models_with_allocation_and_damping(rng, damping):
         np.testing.assert_allclose(got.numpy(), ref, atol=1e-8)
 
 
+def test_pave_task_vector_variant_projects_only_delta(rng):
+    m, n = 5, 6
+    W_B = rng.standard_normal((m, n))
+    fine = [W_B + 0.2 * rng.standard_normal((m, n)) for _ in range(2)]
+    covs = [cov(rng, n, 20) for _ in range(2)]
+    stats = ParamStats.of(covariance=[t64(c) for c in covs])
+    p = PaveParams(rho=0.6, damping=0.0, project="task_vector")
+    out = pave(t64(W_B), [t64(W - W_B) for W in fine], ctx_for((m, n), stats), p)
+    svals = [np.linalg.svd(W @ C, compute_uv=False) for W, C in zip(fine, covs)]
+    for got, W, C, r in zip(out, fine, covs, brute_ranks(svals, 0.6, p.floor)):
+        U = np.linalg.svd(W @ C)[0][:, :r]
+        np.testing.assert_allclose(got.numpy(), U @ U.T @ (W - W_B), atol=1e-10)
+
+
 def test_pave_transposed_weights(rng):
     W_B, W = rng.standard_normal((6, 4)), rng.standard_normal((6, 4))  # stored (d_in, d_out) = (6, 4)
     C = cov(rng, 6, 20)
