@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from pactmerge.io.hf_files import check_chat_template, output_dtype, set_chat_te
 from pactmerge.io.output_guard import atomic_output_dir, prepare_target
 from pactmerge.io.writer import ShardedWriter, copy_non_weight_files, parse_size
 from pactmerge.modulators import ModulatorWriter
+from pactmerge.stats import ModelData
 
 
 def merge(
@@ -26,6 +28,7 @@ def merge(
     overwrite: bool = False,
     force: bool = False,
     progress: bool = False,
+    calibration_data: Sequence[ModelData] | None = None,
     **overrides: Any,
 ) -> dict[str, Tensor] | Path:
     """Merge models as ``config`` says.
@@ -44,6 +47,9 @@ def merge(
             the ``.pactmerge-output`` marker) or an empty folder.
         force: replace an existing ``output_dir`` whatever it is. The output may never be, contain
             or lie inside an input (see :mod:`pactmerge.io.output_guard`).
+        calibration_data: for data-aware methods/filters (PAVE, RegMean, Fisher): one
+            :class:`pactmerge.stats.ModelData` per model (its examples and how to load/run it);
+            the statistics are computed once and cached (docs/data_aware.md).
         **overrides: config keys given directly, e.g. ``merge(base_model=sd0, models=[sd1, sd2],
             method="iso_c", pact={"K": 15, "k": 8})``.
 
@@ -72,7 +78,7 @@ def merge(
 
         session = MergeEvaluation(cfg, dev, progress)
         cfg = session.merge_config
-    inputs = open_inputs(cfg)
+    inputs = open_inputs(cfg, calibration_data)
     try:
         check_output(inputs)
         if session is not None:
@@ -248,7 +254,11 @@ def _finite_update(name: str, update, allow_nonfinite: bool):
     return update
 
 
-def dry_run(config: MergeConfig | dict | str | os.PathLike, progress: bool = False) -> str:
+def dry_run(
+    config: MergeConfig | dict | str | os.PathLike,
+    progress: bool = False,
+    calibration_data: Sequence[ModelData] | None = None,
+) -> str:
     """Validate every input fully (keys, shapes, dtypes, and every tensor finite) and return the plan."""
     import sys
 
@@ -261,7 +271,7 @@ def dry_run(config: MergeConfig | dict | str | os.PathLike, progress: bool = Fal
         from pactmerge.eval.session import MergeEvaluation
 
         cfg = MergeEvaluation(cfg, resolve_device("cpu")).merge_config
-    inputs = open_inputs(cfg)
+    inputs = open_inputs(cfg, calibration_data)
     try:
         check_output(inputs)
         for info in tqdm(inputs.plan.params, desc="checking", unit="param", disable=not progress, file=sys.stderr):

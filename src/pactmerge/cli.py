@@ -7,6 +7,7 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -103,7 +104,7 @@ def merge(
     from pactmerge.config import load_config
     from pactmerge.io.hub import check_push_ready, push_folder
 
-    extra = {"allow_nonfinite": True} if allow_nonfinite else {}
+    extra: dict[str, Any] = {"allow_nonfinite": True} if allow_nonfinite else {}
     with _one_line_errors(None if dry_run else output_dir):
         if push_to_hub is not None:
             check_push_ready(push_to_hub)  # before any work: installed, logged in, a valid repo id
@@ -113,7 +114,13 @@ def merge(
             typer.echo("dry run: all inputs are valid; nothing written")
             return
         out = do_merge(
-            config, output_dir, device=device.value, overwrite=overwrite, force=force, progress=progress, **extra
+            config,
+            output_dir,
+            device=device.value,
+            overwrite=overwrite,
+            force=force,
+            progress=progress,
+            **extra,
         )
         typer.echo(f"wrote {out}")
         summary = Path(str(out)) / "evaluation.md"

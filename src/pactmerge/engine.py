@@ -45,6 +45,7 @@ from pactmerge.modulators import MethodResult, Modulator, map_updates, split_res
 from pactmerge.pipeline import Pipeline, Stage
 from pactmerge.plan import Plan, build_plan, check_finite, make_context
 from pactmerge.registry import ParamContext, ParamInfo
+from pactmerge.stats import Calibration, ModelData, plan_calibration
 
 
 def resolve_device(device: str) -> torch.device:
@@ -64,13 +65,18 @@ class MergeInputs:
     models: list[Source]
     plan: Plan
     vocab: VocabPlan | None = None  # the output vocabulary when the inputs' differ (io/vocab.py)
+    calibration: Calibration | None = None  # the data-aware stages' statistics (pactmerge.stats)
 
     def close(self) -> None:
+        if self.calibration is not None:
+            self.calibration.close()
         for s in [self.base, *self.models]:
             s.close()
 
 
-def open_inputs(cfg: MergeConfig) -> MergeInputs:
+def open_inputs(cfg: MergeConfig, calibration_data: Sequence[ModelData] | None = None) -> MergeInputs:
+    """Open and check every input. ``calibration_data``: one :class:`pactmerge.stats.ModelData` per
+    model, for the stages that need statistics (checked here, computed on the first merge pass)."""
     from pactmerge.io.lora import is_adapter, open_adapter
     from pactmerge.io.sources import open_source
 
@@ -93,7 +99,9 @@ def open_inputs(cfg: MergeConfig) -> MergeInputs:
         if vocab is not None:
             base, models = vocab.wrap(base, models)
         plan = build_plan(cfg, base, models)
-        inputs = MergeInputs(cfg, base, models, plan, vocab)
+        inputs = MergeInputs(
+            cfg, base, models, plan, vocab, plan_calibration(cfg.pipeline, cfg.calibration, models, calibration_data)
+        )
         check_plan(inputs)
         return inputs
     except BaseException:
@@ -183,6 +191,15 @@ def merge_parameter(pipeline: Pipeline, base: Tensor, deltas: list[Delta], ctx: 
     return map_updates(merged, lambda update: apply_filters(pipeline.post, base, [update], ctx)[0])
 
 
+def param_context(inputs: MergeInputs, info: ParamInfo, stats: dict, device: torch.device) -> ParamContext:
+    """``make_context`` plus the parameter's calibration statistics (read when a stage asks)."""
+    ctx = make_context(inputs.cfg, info, stats)
+    cal = inputs.calibration
+    if cal is not None and cal.store is not None:
+        ctx.calibration = cal.store.view(info.name, device, inputs.cfg.compute_dtype)
+    return ctx
+
+
 class _Passes:
     """A re-iterable stream for ``prepare``: every iteration is one more full streaming pass."""
 
@@ -200,6 +217,8 @@ def prepare_stats(inputs: MergeInputs, device: torch.device, progress: bool = Fa
     and the post filters' see them after every pre filter. Returns ``{stage name: stats}``.
     """
     cfg = inputs.cfg
+    if inputs.calibration is not None:
+        inputs.calibration.ensure(inputs.models, progress)
     pre = cfg.pipeline.pre
     stats: dict = {}
     stages = [(i, f) for i, f in enumerate(pre) if f.spec.prepare is not None]
@@ -213,7 +232,7 @@ def prepare_stats(inputs: MergeInputs, device: torch.device, progress: bool = Fa
             for info in tqdm(
                 merged_params, desc=desc, unit="param", disable=not progress, file=sys.stderr, leave=False
             ):
-                ctx = make_context(cfg, info, stats)
+                ctx = param_context(inputs, info, stats, device)
                 base, deltas = read_deltas(inputs, info, device, lowrank=True)
                 yield ctx, base, accepted(stage, apply_filters(pre[:position], base, deltas, ctx))
 
@@ -246,7 +265,7 @@ def iter_merged_deltas(
         if info.kind == "copy":  # from the base, or an extra parameter from the model that has it
             yield info, copied_value(inputs, info), None
             continue
-        ctx: ParamContext = make_context(cfg, info, stats)
+        ctx = param_context(inputs, info, stats, device)
         base, deltas = read_deltas(inputs, info, device, lowrank=True)
         try:
             merged, modulators = split_result(merge_parameter(cfg.pipeline, base, deltas, ctx))

@@ -33,6 +33,12 @@ the union over the pipeline's stages, once, and the methods read them from
 method honours the models' ``weight``; for any other method a weight other than 1 is refused.
 ``paper`` names the method's paper (title and arXiv id) for the model card.
 
+``needs=("covariance",)`` (or ``"fisher"``) declares calibration statistics the stage reads: the
+merge then runs the calibration pass first (:mod:`pactmerge.stats`) and the stage finds the
+parameter's per-model statistics, read lazily, as ``ctx.calibration`` (a
+:class:`pactmerge.stats.ParamStats`; ``ctx.calibration.covariance()`` is None for a parameter
+that has none, e.g. a bias or an embedding).
+
 ``lowrank=True`` declares that ``fn`` (and ``prepare``) accept task vectors given as
 :class:`pactmerge.lowrank.LowRankDelta` (LoRA adapters) mixed with dense tensors, and may return
 them; for every other method/filter the engine densifies them first, one parameter at a time.
@@ -101,6 +107,7 @@ class ParamContext:
     # Per-model options, validated against the stages' ``model_params``: only the keys each model gave.
     model_params: list[dict[str, Any]]
     stats: dict[str, Any] = field(default_factory=dict)  # from the `prepare` passes, keyed by method/filter name
+    calibration: Any = None  # pactmerge.stats.ParamStats of this parameter, for stages that declare `needs`
 
     @property
     def name(self) -> str:
@@ -140,6 +147,7 @@ class Spec:
     paper: str = ""  # the paper, "Title (arXiv:NNNN.NNNNN)", for the model card
     bypass: BypassFn | None = None  # reported by --dry-run; the filter itself must follow the same rule
     task_specific: bool = False  # methods only: may return a pactmerge.modulators.TaskSpecific (per-task outputs)
+    needs: tuple[str, ...] = ()  # calibration statistics the stage reads (pactmerge.stats.KINDS)
 
     def model_params_for(self, params: Any) -> type[BaseModel] | None:
         """The per-model options model for this stage configured with ``params``."""
@@ -156,6 +164,9 @@ FILTERS: dict[str, Spec] = {}
 def _register(table: dict[str, Spec], kind: str, name: str, params, stage: str = "pre", **options):
     if stage not in ("pre", "post"):
         raise ValueError(f"{kind} {name!r}: stage must be 'pre' or 'post', not {stage!r}")
+    needs = options.get("needs", ())
+    if any(n not in ("covariance", "fisher") for n in needs):  # pactmerge.stats.KINDS
+        raise ValueError(f"{kind} {name!r}: needs must name covariance / fisher, not {needs!r}")
 
     def deco(fn):
         if name in table:
@@ -176,6 +187,7 @@ def register_method(
     uses_weight: bool = False,
     paper: str = "",
     task_specific: bool = False,
+    needs: tuple[str, ...] = (),
 ):
     return _register(
         METHODS,
@@ -189,6 +201,7 @@ def register_method(
         uses_weight=uses_weight,
         paper=paper,
         task_specific=task_specific,
+        needs=tuple(needs),
     )
 
 
@@ -202,6 +215,7 @@ def register_filter(
     model_params: ModelParamsSpec = None,
     paper: str = "",
     bypass: BypassFn | None = None,
+    needs: tuple[str, ...] = (),
 ):
     return _register(
         FILTERS,
@@ -215,6 +229,7 @@ def register_filter(
         model_params=model_params,
         paper=paper,
         bypass=bypass,
+        needs=tuple(needs),
     )
 
 

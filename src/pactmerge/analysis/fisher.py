@@ -46,6 +46,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pactmerge.eval.heads import Tokenized, embed, logits
+from pactmerge.stats.gradients import squared_gradients
 
 F64 = torch.float64
 
@@ -64,9 +65,9 @@ def empirical_fisher(
     """Empirical Fisher ``(1/N) sum_i (dL_i/dtheta)^2`` of the named parameters (Eq. 3).
 
     ``L_i`` is the cross-entropy of sample i's true label under ``logits(embed(model, x_i), head)``
-    (the loss the fine-tunes were trained with). Each sample is its own forward/backward pass
-    (batch of 1, no padding), in eval mode (no dropout). The model's weights are not changed;
-    its ``requires_grad`` flags and train/eval mode are restored afterwards.
+    (the loss the fine-tunes were trained with), by :func:`pactmerge.stats.squared_gradients`:
+    each sample is its own forward/backward pass (batch of 1, no padding), in eval mode (no
+    dropout); the model's weights, ``requires_grad`` flags and train/eval mode are left as they were.
 
     Args:
         model: encoder (``embed`` reads ``last_hidden_state``).
@@ -77,35 +78,21 @@ def empirical_fisher(
     Returns:
         ``name -> tensor`` of the parameter's shape, float32 (accumulated in float64).
     """
-    params = dict(model.named_parameters())
-    missing = [n for n in names if n not in params]
-    if missing:
-        raise KeyError(f"no such parameter(s) in the model: {', '.join(missing[:3])}")
     if len(tok) == 0:
         raise ValueError("empirical Fisher of zero samples")
-    flags = {n: p.requires_grad for n, p in params.items()}
-    was_training = model.training
-    wanted = set(names)
-    acc = {n: torch.zeros(params[n].shape, dtype=F64) for n in names}
     head = head.detach()
-    try:
-        model.eval()
-        for n, p in params.items():
-            p.requires_grad_(n in wanted)
+
+    def samples():
         for i in tqdm(
             range(len(tok)), desc="Fisher", unit="sample", disable=not progress, file=sys.stderr, leave=False
         ):
             ids, mask = tok.batch([i], pad_id)
-            loss = F.cross_entropy(logits(embed(model, ids, mask), head), tok.labels[i : i + 1])
-            grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-            for n, g in zip(names, grads):
-                if g is not None:  # unused parameter: zero gradient
-                    acc[n].add_(g.detach().to(F64).square())
-    finally:
-        for n, p in params.items():
-            p.requires_grad_(flags[n])
-        model.train(was_training)
-    return {n: (a / len(tok)).float() for n, a in acc.items()}
+            yield {"input_ids": ids, "attention_mask": mask, "labels": tok.labels[i : i + 1]}
+
+    def loss(m, batch):
+        return F.cross_entropy(logits(embed(m, batch["input_ids"], batch["attention_mask"]), head), batch["labels"])
+
+    return {n: f.float() for n, f in squared_gradients(model, samples(), loss, names).items()}
 
 
 # -- masks ---------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pactmerge.config.evaluation import EvaluationConfig, check_model_tasks
 from pactmerge.errors import PactMergeError
 from pactmerge.io.writer import parse_size
 from pactmerge.pipeline import Pipeline, resolve_pipeline
+from pactmerge.stats.settings import CalibrationSettings
 from pactmerge.validation import StrictModel, check_fits_dtype
 
 ModelRef = str | os.PathLike | Mapping  # a path, or an in-memory state dict (Python API)
@@ -87,6 +88,8 @@ class MergeConfig(StrictModel):
     # that has them, or dropped (pactmerge.plan.extra_parameters).
     extra_parameters: Literal["error", "copy", "drop"] = "error"
     evaluation: EvaluationConfig | None = None  # the user's tasks (pactmerge.eval.session, docs/evaluate.md)
+    # Data-aware stages (PAVE, RegMean, Fisher): how the calibration pass runs (pactmerge.stats).
+    calibration: CalibrationSettings | None = None
 
     _pipeline: Pipeline | None = PrivateAttr(default=None)
     # The YAML text the config was loaded from (the model card quotes it), None for in-memory configs.

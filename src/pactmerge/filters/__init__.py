@@ -1,3 +1,3 @@
 """Task-vector filters. Each module registers its filters on import."""
 
-from pactmerge.filters import core_subspace, dare, nan, pact  # noqa: F401
+from pactmerge.filters import core_subspace, dare, nan, pact, pave  # noqa: F401
