@@ -10,8 +10,11 @@ from typing import Any
 from torch import Tensor
 
 from pactmerge import __version__
+from pactmerge.backends import make_backend
+from pactmerge.backends.ray import RayBackend
 from pactmerge.config import MergeConfig, config_to_yaml, load_config
 from pactmerge.engine import iter_merged_params, open_inputs, output_layout, resolve_device
+from pactmerge.errors import PactMergeError
 from pactmerge.io.sources import Source
 from pactmerge.io.writer import ShardedWriter, atomic_output_dir, copy_non_weight_files, parse_size
 
@@ -23,6 +26,9 @@ def merge(
     device: str = "cpu",
     overwrite: bool = False,
     progress: bool = False,
+    backend: str = "local",
+    workers: int = 1,
+    threads: int | None = None,
     **overrides: Any,
 ) -> dict[str, Tensor] | Path:
     """Merge models as ``config`` says.
@@ -35,6 +41,12 @@ def merge(
             folder is a PEFT LoRA adapter instead (docs/lora.md); the in-memory result stays dense.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         overwrite: replace an existing ``output_dir``.
+        backend: ``"local"`` (this process) or ``"ray"`` (a Ray cluster; output to disk only, inputs
+            given as paths). See docs/performance.md.
+        workers: ``local``: 1 runs the plain loop; more runs a pool of that many worker threads with
+            read-ahead and write-behind. ``ray``: parallel tasks (default: the cluster's CPUs).
+        threads: torch intra-op threads per worker (default: unchanged for the plain loop,
+            ``max(1, cores // workers)`` in a pool).
         **overrides: config keys given directly, e.g. ``merge(base_model=sd0, models=[sd1, sd2],
             method="iso_c", pact={"K": 15, "k": 8})``.
 
@@ -48,32 +60,43 @@ def merge(
         if overrides:
             cfg = load_config({**cfg.model_dump(), **overrides})
     dev = resolve_device(device)
+    runner = make_backend(backend, workers, threads)
+    if isinstance(runner, RayBackend) and (output_dir is None or cfg.output == "adapter"):
+        raise PactMergeError("--backend ray writes a dense model folder: give an output folder (output: dense)")
     inputs = open_inputs(cfg)
     try:
         if output_dir is None:
-            return dict(iter_merged_params(inputs, dev, progress))
+            copied = {p.name for p in inputs.plan.params if p.kind == "copy"}
+            # Copied tensors are the inputs' own memory: the result gets copies of its own.
+            return {
+                name: t.clone() if name in copied else t
+                for name, t in iter_merged_params(inputs, dev, progress, runner)
+            }
         if cfg.output == "adapter":
-            return _write_adapter(inputs, Path(output_dir), dev, overwrite, progress)
-        return _write(inputs, Path(output_dir), dev, overwrite, progress)
+            return _write_adapter(inputs, Path(output_dir), dev, overwrite, progress, runner)
+        return _write(inputs, Path(output_dir), dev, overwrite, progress, runner)
     finally:
         inputs.close()
 
 
-def _write(inputs, output_dir: Path, device, overwrite: bool, progress: bool) -> Path:
+def _write(inputs, output_dir: Path, device, overwrite: bool, progress: bool, runner=None) -> Path:
     cfg = inputs.cfg
     start = time.perf_counter()
     with atomic_output_dir(output_dir, overwrite) as tmp:
-        writer = ShardedWriter(tmp, output_layout(inputs), parse_size(cfg.max_shard_size))
-        for name, tensor in iter_merged_params(inputs, device, progress):
-            writer.add(name, tensor)
-        files = writer.close()
+        if isinstance(runner, RayBackend):
+            files = runner.write_model(inputs, tmp, device, progress)
+        else:
+            writer = ShardedWriter(tmp, output_layout(inputs), parse_size(cfg.max_shard_size))
+            for name, tensor in iter_merged_params(inputs, device, progress, runner):
+                writer.add(name, tensor)
+            files = writer.close()
         copied = copy_non_weight_files(inputs.base.folder, tmp) if inputs.base.folder else []
         (tmp / "pactmerge_config.yaml").write_text(config_to_yaml(cfg))
         (tmp / "README.md").write_text(_merge_card(cfg, inputs, files, copied, time.perf_counter() - start))
     return output_dir
 
 
-def _write_adapter(inputs, output_dir: Path, device, overwrite: bool, progress: bool) -> Path:
+def _write_adapter(inputs, output_dir: Path, device, overwrite: bool, progress: bool, runner=None) -> Path:
     """``output: adapter``: the merged update ``alpha * merged`` as a PEFT LoRA adapter folder."""
     from pactmerge.config import DTYPES
     from pactmerge.engine import iter_merged_deltas
@@ -92,7 +115,7 @@ def _write_adapter(inputs, output_dir: Path, device, overwrite: bool, progress: 
     with atomic_output_dir(output_dir, overwrite) as tmp:
         updates = (
             (info, scale_delta(merged, cfg.alpha))
-            for info, _, merged in iter_merged_deltas(inputs, device, progress, lowrank=True)
+            for info, _, merged in iter_merged_deltas(inputs, device, progress, lowrank=True, backend=runner)
             if merged is not None
         )
         report = write_adapter(

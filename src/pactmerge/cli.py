@@ -6,10 +6,14 @@ import sys
 from enum import Enum
 from pathlib import Path
 
-import typer
+from pactmerge.backends.threads import prefer_passive_wait
 
-from pactmerge import __version__
-from pactmerge.errors import PactMergeError
+prefer_passive_wait()  # before torch is imported: idle OpenMP threads sleep instead of spinning
+
+import typer  # noqa: E402
+
+from pactmerge import __version__  # noqa: E402
+from pactmerge.errors import PactMergeError  # noqa: E402
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Merge fine-tuned models without training (PACT and friends)."
@@ -20,6 +24,11 @@ class Device(str, Enum):
     cpu = "cpu"
     cuda = "cuda"
     auto = "auto"
+
+
+class BackendName(str, Enum):
+    local = "local"
+    ray = "ray"
 
 
 def _fail(e: Exception) -> None:
@@ -42,6 +51,13 @@ def merge(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate every input and print the plan; write nothing."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT_DIR if it exists."),
     progress: bool = typer.Option(sys.stderr.isatty(), "--progress/--no-progress", help="Show a progress bar."),
+    backend: BackendName = typer.Option(
+        BackendName.local, help="local: this process; ray: a Ray cluster (needs the ray extra; docs/performance.md)."
+    ),
+    workers: int = typer.Option(
+        1, min=1, help="local: 1 = the plain loop, N = N worker threads with read-ahead; ray: parallel tasks."
+    ),
+    threads: int = typer.Option(None, min=1, help="torch threads per worker (default: cores / workers in a pool)."),
 ):
     """Merge the models of CONFIG into OUTPUT_DIR."""
     from pactmerge.api import dry_run as do_dry_run
@@ -52,7 +68,16 @@ def merge(
             typer.echo(do_dry_run(config, progress=progress))
             typer.echo("dry run: all inputs are valid; nothing written")
             return
-        out = do_merge(config, output_dir, device=device.value, overwrite=overwrite, progress=progress)
+        out = do_merge(
+            config,
+            output_dir,
+            device=device.value,
+            overwrite=overwrite,
+            progress=progress,
+            backend=backend.value,
+            workers=workers,
+            threads=threads,
+        )
     except PactMergeError as e:
         _fail(e)
     typer.echo(f"wrote {out}")

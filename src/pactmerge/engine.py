@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from pactmerge.config import DTYPES, MergeConfig
 from pactmerge.errors import PactMergeError
 from pactmerge.io.sources import Source
-from pactmerge.lowrank import Delta, add_to, densify, tensors_of
+from pactmerge.lowrank import Delta, LowRankDelta, add_to, densify, tensors_of
 from pactmerge.pipeline import Pipeline, Stage
 from pactmerge.plan import Plan, build_plan, check_finite, make_context
 from pactmerge.registry import ParamContext, ParamInfo
@@ -56,6 +56,25 @@ class MergeInputs:
     def close(self) -> None:
         for s in [self.base, *self.models]:
             s.close()
+
+    def __reduce__(self):
+        # Sent to another process (the Ray backend's workers): reopened there from the config.
+        return (reopen_inputs, (self.cfg,))
+
+
+_REOPENED: dict[str, MergeInputs] = {}
+
+
+def reopen_inputs(cfg: MergeConfig) -> MergeInputs:
+    """:func:`open_inputs` once per process and config (a worker receives the same inputs often)."""
+    from pactmerge.config import config_to_yaml
+
+    key = config_to_yaml(cfg)
+    if key not in _REOPENED:
+        while _REOPENED:  # one merge at a time: close the previous one's files
+            _REOPENED.popitem()[1].close()
+        _REOPENED[key] = open_inputs(cfg)
+    return _REOPENED[key]
 
 
 def open_inputs(cfg: MergeConfig) -> MergeInputs:
@@ -97,17 +116,30 @@ def check_plan(inputs: MergeInputs) -> None:
                 stage.spec.check(stage.params, info)
 
 
-def read_deltas(
-    inputs: MergeInputs, info: ParamInfo, device: torch.device, lowrank: bool = False
-) -> tuple[Tensor, list[Delta]]:
-    """``(theta_0, [Delta_t])`` of one parameter in the compute dtype on ``device``. An adapter's
-    update of a 2-D weight is a :class:`LowRankDelta` when ``lowrank``, else dense."""
+@dataclass
+class ParamInputs:
+    """One parameter's inputs in the compute dtype: ``theta_0``, the ``T`` task vectors, and
+    whether ``base`` is the engine's own buffer (else it may be an input's memory: read-only)."""
+
+    base: Tensor
+    deltas: list[Delta]
+    base_owned: bool
+
+
+def read_parameter(inputs: MergeInputs, info: ParamInfo, device: torch.device, lowrank: bool = False) -> ParamInputs:
+    """Read one parameter without defensive copies (sources hand out read-only views).
+
+    ``theta_0`` is converted only when the dtype or device differs; every dense ``Delta_t`` is a
+    fresh tensor (the subtraction writes into the conversion's buffer, or allocates one), so
+    filters and methods may treat task vectors as their own -- but never ``base``.
+    """
     from pactmerge.io.lora import LoraSource
 
     dtype = inputs.cfg.compute_dtype
     raw = inputs.base.get(info.name)
     check_finite(raw, inputs.base.file_of(info.name), info.name)
     base = raw.to(device=device, dtype=dtype)
+    owned = base is not raw
     del raw
     deltas: list[Delta] = []
     for src in inputs.models:
@@ -122,10 +154,27 @@ def read_deltas(
             continue
         t = src.get(info.name)
         check_finite(t, src.file_of(info.name), info.name)
-        # get() returns a private copy, so subtracting in place is safe even when .to() is a no-op.
-        deltas.append(t.to(device=device, dtype=dtype).sub_(base))
-        del t
-    return base, deltas
+        converted = t.to(device=device, dtype=dtype)
+        # In place only into a conversion's own buffer: `t` itself may be the caller's memory.
+        deltas.append(torch.sub(converted, base) if converted is t else converted.sub_(base))
+        del t, converted
+    return ParamInputs(base, deltas, owned)
+
+
+def read_deltas(
+    inputs: MergeInputs, info: ParamInfo, device: torch.device, lowrank: bool = False
+) -> tuple[Tensor, list[Delta]]:
+    """``(theta_0, [Delta_t])`` of one parameter in the compute dtype on ``device``. An adapter's
+    update of a 2-D weight is a :class:`LowRankDelta` when ``lowrank``, else dense. ``theta_0``
+    may share memory with the input: read-only (see :func:`read_parameter`)."""
+    p = read_parameter(inputs, info, device, lowrank)
+    return p.base, p.deltas
+
+
+def release_parameter(inputs: MergeInputs, name: str) -> None:
+    """Let the sources drop ``name``'s mapped pages from the resident set."""
+    for src in (inputs.base, *inputs.models):
+        src.release(name)
 
 
 def accepted(stage: Stage, deltas: list[Delta]) -> list[Delta]:
@@ -169,12 +218,17 @@ class _Passes:
         return self._make()
 
 
-def prepare_stats(inputs: MergeInputs, device: torch.device, progress: bool = False) -> dict:
+def prepare_stats(inputs: MergeInputs, device: torch.device, progress: bool = False, backend=None) -> dict:
     """Model-wide statistics for the stages that declare ``prepare`` (explicit first passes).
 
     A pre filter's ``prepare`` sees the task vectors after the pre filters before it; the method's
-    and the post filters' see them after every pre filter. Returns ``{stage name: stats}``.
+    and the post filters' see them after every pre filter. Returns ``{stage name: stats}``. With a
+    ``backend`` (:mod:`pactmerge.backends`) the reads and pre filters of each pass run in its
+    workers, ahead of the statistics, in the plan's order.
     """
+    from pactmerge.backends import sequential
+
+    backend = backend or sequential()
     cfg = inputs.cfg
     pre = cfg.pipeline.pre
     stats: dict = {}
@@ -183,44 +237,111 @@ def prepare_stats(inputs: MergeInputs, device: torch.device, progress: bool = Fa
     merged_params = [info for info in inputs.plan.params if info.kind != "copy"]
     for position, stage in stages:
 
-        def stream(position=position, stage=stage):
+        def filtered(info: ParamInfo, p: ParamInputs, position=position, stage=stage):
+            ctx = make_context(cfg, info, stats)
+            return ctx, p.base, accepted(stage, apply_filters(pre[:position], p.base, p.deltas, ctx))
+
+        def stream(stage=stage, filtered=filtered):
             # Each iteration over the stream is one full pass, with its own progress bar.
+            results = backend.imap(
+                merged_params,
+                lambda info: read_parameter(inputs, info, device, lowrank=True),
+                filtered,
+                cost=lambda info: param_cost(inputs, info),
+            )
             desc = f"{stage.name}: statistics pass"
-            for info in tqdm(
-                merged_params, desc=desc, unit="param", disable=not progress, file=sys.stderr, leave=False
-            ):
-                ctx = make_context(cfg, info, stats)
-                base, deltas = read_deltas(inputs, info, device, lowrank=True)
-                yield ctx, base, accepted(stage, apply_filters(pre[:position], base, deltas, ctx))
+            bar = tqdm(total=len(merged_params), desc=desc, unit="param", disable=not progress, file=sys.stderr)
+            with bar:
+                for info, item in zip(merged_params, results):
+                    yield item
+                    release_parameter(inputs, info.name)
+                    bar.update()
 
         assert stage.spec.prepare is not None
         stats[stage.name] = stage.spec.prepare(_Passes(stream), stage.params)
     return stats
 
 
+def param_cost(inputs: MergeInputs, info: ParamInfo) -> int:
+    """Bytes one parameter holds while it is merged, roughly: its ``T + 1`` inputs in the compute
+    dtype, the output and a method's workspace of about as much again (the backends' memory bound)."""
+    numel = 1
+    for s in info.shape:
+        numel *= s
+    itemsize = torch.empty((), dtype=inputs.cfg.compute_dtype).element_size()
+    return numel * itemsize * (2 * len(inputs.models) + 4)
+
+
+def read_for_merge(inputs: MergeInputs, info: ParamInfo, device: torch.device) -> ParamInputs | Tensor:
+    """Phase 1 of the unit of work: a copied parameter's tensor, or a merged one's inputs."""
+    if info.kind == "copy":
+        return inputs.base.get(info.name)
+    return read_parameter(inputs, info, device, lowrank=True)
+
+
+def merge_read(inputs: MergeInputs, info: ParamInfo, p: ParamInputs, stats: dict) -> Delta:
+    """Phase 2a: the parameter through the pipeline, the merged update checked finite."""
+    cfg = inputs.cfg
+    merged = merge_parameter(cfg.pipeline, p.base, p.deltas, make_context(cfg, info, stats))
+    for t in tensors_of(merged):
+        check_finite(t, f"method {cfg.method}", info.name)
+    return merged
+
+
+def merged_weight(inputs: MergeInputs, info: ParamInfo, p: ParamInputs | Tensor, stats: dict) -> Tensor:
+    """Phase 2 of the unit of work: ``theta = theta_0 + alpha * merged`` of one parameter in the
+    output dtype, on the CPU, from what :func:`read_for_merge` read. The same code wherever it runs,
+    so the same bytes. A copied parameter is the base's tensor as read (read-only)."""
+    if isinstance(p, Tensor):
+        return p
+    cfg = inputs.cfg
+    out_dtype = DTYPES[cfg.out_dtype] if cfg.out_dtype else info.dtype
+    merged = merge_read(inputs, info, p, stats)
+    del p.deltas[:]
+    if p.base_owned:
+        theta = add_to(p.base, merged, alpha=cfg.alpha)
+    elif isinstance(merged, LowRankDelta):
+        theta = torch.addmm(p.base, merged.B, merged.A, alpha=cfg.alpha)
+    else:  # base is an input's memory: the sum goes to a new tensor
+        theta = torch.add(p.base, merged, alpha=cfg.alpha)
+    del merged
+    theta = theta.to(dtype=out_dtype).cpu()
+    release_parameter(inputs, info.name)
+    return theta
+
+
 def iter_merged_deltas(
-    inputs: MergeInputs, device: str | torch.device = "cpu", progress: bool = False, lowrank: bool = False
+    inputs: MergeInputs,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    lowrank: bool = False,
+    backend=None,
 ) -> Iterator[tuple[ParamInfo, Tensor, Delta | None]]:
     """Yield ``(info, base, merged_delta)`` per parameter, in the plan's order.
 
     ``base`` and ``merged_delta`` are in the compute dtype on ``device``; ``merged_delta`` is None
-    for copied parameters. The caller forms ``base + alpha * merged_delta`` (so one pass serves a
-    whole grid of alpha values). With ``lowrank`` a merged delta may be a :class:`LowRankDelta`
-    (a low-rank-aware method on adapters); otherwise it is always dense.
+    for copied parameters. ``base`` may share memory with the input: read-only. The caller forms
+    ``base + alpha * merged_delta`` (so one pass serves a whole grid of alpha values). With
+    ``lowrank`` a merged delta may be a :class:`LowRankDelta` (a low-rank-aware method on
+    adapters); otherwise it is always dense. ``backend``: see :mod:`pactmerge.backends`.
     """
+    from pactmerge.backends import sequential
+
+    backend = backend or sequential()
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
-    cfg = inputs.cfg
-    stats = prepare_stats(inputs, device, progress)
-    for info in tqdm(inputs.plan.params, desc="merging", unit="param", disable=not progress, file=sys.stderr):
-        if info.kind == "copy":
-            yield info, inputs.base.get(info.name), None
-            continue
-        ctx: ParamContext = make_context(cfg, info, stats)
-        base, deltas = read_deltas(inputs, info, device, lowrank=True)
-        merged = merge_parameter(cfg.pipeline, base, deltas, ctx)
-        for t in tensors_of(merged):
-            check_finite(t, f"method {cfg.method}", info.name)
-        yield info, base, merged if lowrank else densify([merged])[0]
+    stats = prepare_stats(inputs, device, progress, backend)
+
+    def finish(info: ParamInfo, p: ParamInputs | Tensor) -> tuple[ParamInfo, Tensor, Delta | None]:
+        if isinstance(p, Tensor):
+            return info, p, None
+        merged = merge_read(inputs, info, p, stats)
+        return info, p.base, merged if lowrank else densify([merged])[0]
+
+    params = inputs.plan.params
+    results = backend.imap(
+        params, lambda info: read_for_merge(inputs, info, device), finish, cost=lambda info: param_cost(inputs, info)
+    )
+    yield from tqdm(results, total=len(params), desc="merging", unit="param", disable=not progress, file=sys.stderr)
 
 
 def output_layout(inputs: MergeInputs) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
@@ -232,14 +353,28 @@ def output_layout(inputs: MergeInputs) -> list[tuple[str, tuple[int, ...], torch
 
 
 def iter_merged_params(
-    inputs: MergeInputs, device: str | torch.device = "cpu", progress: bool = False
+    inputs: MergeInputs, device: str | torch.device = "cpu", progress: bool = False, backend=None
 ) -> Iterator[tuple[str, Tensor]]:
-    """Yield ``(name, theta)`` with ``theta = theta_0 + alpha * merged`` in the output dtype, on the CPU."""
-    cfg = inputs.cfg
-    out_dtype = DTYPES[cfg.out_dtype] if cfg.out_dtype else None
-    for info, base, merged in iter_merged_deltas(inputs, device, progress, lowrank=True):
-        if merged is None:
-            yield info.name, base
-            continue
-        theta = add_to(base, merged, alpha=cfg.alpha)
-        yield info.name, theta.to(dtype=out_dtype or info.dtype).cpu()
+    """Yield ``(name, theta)`` with ``theta = theta_0 + alpha * merged`` in the output dtype, on the CPU.
+
+    A copied parameter may share memory with the input (read-only). ``backend`` (default: the
+    plain loop) runs the unit of work (:func:`read_for_merge`, :func:`merged_weight`) per
+    parameter; every backend yields the same bytes.
+    """
+    from pactmerge.backends import sequential
+
+    backend = backend or sequential()
+    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    stats = prepare_stats(inputs, device, progress, backend)
+    params = inputs.plan.params
+    results = backend.imap(
+        params,
+        lambda info: read_for_merge(inputs, info, device),
+        lambda info, p: merged_weight(inputs, info, p, stats),
+        cost=lambda info: param_cost(inputs, info),
+    )
+    bar = tqdm(results, total=len(params), desc="merging", unit="param", disable=not progress, file=sys.stderr)
+    for info, theta in zip(params, bar):
+        yield info.name, theta
+        if info.kind == "copy":
+            release_parameter(inputs, info.name)

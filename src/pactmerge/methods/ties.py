@@ -87,33 +87,60 @@ def trim_count(n: int, p: TiesParams) -> int:
     return min(k, n)
 
 
-def kth_largest_magnitude(d: Tensor, k: int) -> float:
-    """The k-th largest ``|d|`` over all entries (``+inf`` for k = 0: nothing is kept)."""
+def kth_largest_magnitude(d: Tensor, k: int, magnitudes: Tensor | None = None) -> float:
+    """The k-th largest ``|d|`` over all entries (``+inf`` for k = 0: nothing is kept; ``0`` for
+    k >= numel: everything is, no selection needed). ``magnitudes``: ``|d|`` if already computed."""
     if k <= 0:
         return float("inf")
-    a = d.detach().abs().reshape(-1)
+    if k >= d.numel():
+        return 0.0
+    a = (d.detach().abs() if magnitudes is None else magnitudes).reshape(-1)
     return float(torch.kthvalue(a, a.numel() - k + 1).values)
 
 
-def ties_merge(deltas: list[Tensor], weights: list[float], thresholds: list[float], aggregate: str) -> Tensor:
-    """Trim (keep ``|Delta_t| >= thresholds[t]``), elect the sign of sum_t w_t D_t, disjoint merge."""
-    trimmed = [
-        torch.where(d.abs() >= tau, d, torch.zeros((), dtype=d.dtype, device=d.device))
-        for d, tau in zip(deltas, thresholds)
-    ]
+def ties_merge(
+    deltas: list[Tensor],
+    weights: list[float],
+    thresholds: list[float] | None,
+    aggregate: str,
+    counts: list[int] | None = None,
+) -> Tensor:
+    """Trim (keep ``|Delta_t| >= thresholds[t]``), elect the sign of sum_t w_t D_t, disjoint merge.
+
+    ``thresholds=None`` with ``counts``: each task's threshold is its ``counts[t]``-th largest
+    magnitude (per-tensor scope), found on the same ``|Delta_t|`` the trim uses. Does not modify
+    ``deltas``. Work: one ``|Delta_t|`` buffer per task (the trimmed values are written into it)
+    and three more of the parameter's size; a threshold <= 0 keeps the task vector as it is.
+    """
+    if thresholds is None and counts is None:
+        raise ValueError("ties_merge: give thresholds or counts")
+    zero = torch.zeros((), dtype=deltas[0].dtype, device=deltas[0].device)
+    trimmed = []
+    for t, d in enumerate(deltas):
+        if (thresholds[t] <= 0) if thresholds is not None else (counts is not None and counts[t] >= d.numel()):
+            trimmed.append(d)  # keep every entry: nothing to select or zero
+            continue
+        mag = d.abs()
+        tau = thresholds[t] if thresholds is not None else kth_largest_magnitude(d, counts[t] if counts else 0, mag)
+        # mag <- d * [|d| >= tau], in place: |d| is computed once per task.
+        trimmed.append(torch.where(mag >= tau, d, zero, out=mag) if tau > 0 else d)
     elected = torch.zeros_like(trimmed[0])
     for d, w in zip(trimmed, weights):
         elected.add_(d, alpha=w)
-    elected = torch.sign(elected)
+    elected.sign_()
     num = torch.zeros_like(elected)
     den = torch.zeros_like(elected)
+    agree = torch.empty_like(elected)
     for d, w in zip(trimmed, weights):
-        agree = ((torch.sign(d) == elected) & (d != 0)).to(d.dtype)
-        num.add_(d * agree, alpha=w)
+        # D_t agrees with the elected sign exactly where D_t * gamma > 0 (gamma in {-1, 0, 1}).
+        torch.mul(d, elected, out=agree)
+        agree.gt_(0)
         den.add_(agree, alpha=w)
+        num.add_(agree.mul_(d), alpha=w)
     if aggregate == "sum":
         return num
-    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))
+    none_agree = den == 0
+    return num.div_(den.masked_fill_(none_agree, 1.0)).masked_fill_(none_agree, 0.0)
 
 
 # -- model scope: exact k-th largest magnitude per task by radix selection over the stream ------
@@ -210,12 +237,14 @@ def model_thresholds(stream: Iterable, p: TiesParams) -> list[float]:
 
 
 def ties_prepare(stream, p: TiesParams) -> dict:
-    if p.scope != "model":
+    if p.scope != "model" or p.density >= 1.0:  # density 1 keeps everything: no threshold to find
         return {}
     return {"thresholds": model_thresholds(stream, p)}
 
 
 def thresholds_for(deltas: list[Tensor], ctx: ParamContext, p: TiesParams, stats: dict | None) -> list[float]:
+    if p.density >= 1.0:
+        return [0.0] * len(deltas)
     if p.scope == "model":
         if stats is None:
             raise RuntimeError("ties: scope 'model' needs the thresholds of its prepare pass")
@@ -226,4 +255,6 @@ def thresholds_for(deltas: list[Tensor], ctx: ParamContext, p: TiesParams, stats
 @register_method("ties", params=TiesParams, prepare=ties_prepare)
 def ties(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: TiesParams) -> Tensor:
     """TIES: trim each Delta_t to its top-density magnitudes, elect signs, disjoint mean (or sum)."""
+    if p.scope == "tensor" and p.density < 1.0:  # thresholds found on the |Delta_t| the trim reuses
+        return ties_merge(deltas, ctx.weights, None, p.aggregate, [trim_count(d.numel(), p) for d in deltas])
     return ties_merge(deltas, ctx.weights, thresholds_for(deltas, ctx, p, ctx.stats.get("ties")), p.aggregate)
