@@ -29,6 +29,7 @@ def merge(
     backend: str = "local",
     workers: int = 1,
     threads: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
     **overrides: Any,
 ) -> dict[str, Tensor] | Path:
     """Merge models as ``config`` says.
@@ -47,6 +48,8 @@ def merge(
             read-ahead and write-behind. ``ray``: parallel tasks (default: the cluster's CPUs).
         threads: torch intra-op threads per worker (default: unchanged for the plain loop,
             ``max(1, cores // workers)`` in a pool).
+        cache_dir: keep base-model subspaces (PACT's ``V_{0,K}``) in this folder across runs
+            (:mod:`pactmerge.linalg.cache`); default: no cache.
         **overrides: config keys given directly, e.g. ``merge(base_model=sd0, models=[sd1, sd2],
             method="iso_c", pact={"K": 15, "k": 8})``.
 
@@ -63,7 +66,7 @@ def merge(
     runner = make_backend(backend, workers, threads)
     if isinstance(runner, RayBackend) and (output_dir is None or cfg.output == "adapter"):
         raise PactMergeError("--backend ray writes a dense model folder: give an output folder (output: dense)")
-    inputs = open_inputs(cfg)
+    inputs = open_inputs(cfg, cache_dir)
     try:
         if output_dir is None:
             copied = {p.name for p in inputs.plan.params if p.kind == "copy"}

@@ -58,6 +58,9 @@ def merge(
         1, min=1, help="local: 1 = the plain loop, N = N worker threads with read-ahead; ray: parallel tasks."
     ),
     threads: int = typer.Option(None, min=1, help="torch threads per worker (default: cores / workers in a pool)."),
+    cache_dir: Path = typer.Option(
+        None, help="Keep base-model subspaces (PACT's V_0,K) in this folder across runs (default: none)."
+    ),
 ):
     """Merge the models of CONFIG into OUTPUT_DIR."""
     from pactmerge.api import dry_run as do_dry_run
@@ -77,6 +80,7 @@ def merge(
             backend=backend.value,
             workers=workers,
             threads=threads,
+            cache_dir=cache_dir,
         )
     except PactMergeError as e:
         _fail(e)

@@ -19,6 +19,7 @@ LoRA adapters (``pactmerge.io.lora``): an adapter's ``Delta_t`` of a 2-D weight 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from pactmerge.config import DTYPES, MergeConfig
 from pactmerge.errors import PactMergeError
 from pactmerge.io.sources import Source
+from pactmerge.linalg.cache import SubspaceCache
 from pactmerge.lowrank import Delta, LowRankDelta, add_to, densify, tensors_of
 from pactmerge.pipeline import Pipeline, Stage
 from pactmerge.plan import Plan, build_plan, check_finite, make_context
@@ -52,6 +54,7 @@ class MergeInputs:
     base: Source
     models: list[Source]
     plan: Plan
+    cache: SubspaceCache | None = None  # base-model subspaces kept across runs (linalg/cache.py)
 
     def close(self) -> None:
         for s in [self.base, *self.models]:
@@ -59,25 +62,25 @@ class MergeInputs:
 
     def __reduce__(self):
         # Sent to another process (the Ray backend's workers): reopened there from the config.
-        return (reopen_inputs, (self.cfg,))
+        return (reopen_inputs, (self.cfg, self.cache.folder if self.cache else None))
 
 
 _REOPENED: dict[str, MergeInputs] = {}
 
 
-def reopen_inputs(cfg: MergeConfig) -> MergeInputs:
+def reopen_inputs(cfg: MergeConfig, cache_dir=None) -> MergeInputs:
     """:func:`open_inputs` once per process and config (a worker receives the same inputs often)."""
     from pactmerge.config import config_to_yaml
 
-    key = config_to_yaml(cfg)
+    key = config_to_yaml(cfg) + f"\ncache: {cache_dir}"
     if key not in _REOPENED:
         while _REOPENED:  # one merge at a time: close the previous one's files
             _REOPENED.popitem()[1].close()
-        _REOPENED[key] = open_inputs(cfg)
+        _REOPENED[key] = open_inputs(cfg, cache_dir)
     return _REOPENED[key]
 
 
-def open_inputs(cfg: MergeConfig) -> MergeInputs:
+def open_inputs(cfg: MergeConfig, cache_dir: str | os.PathLike | None = None) -> MergeInputs:
     from pactmerge.io.lora import is_adapter, open_adapter
     from pactmerge.io.sources import open_source
 
@@ -96,7 +99,7 @@ def open_inputs(cfg: MergeConfig) -> MergeInputs:
             opened.append(src)
             models.append(src)
         plan = build_plan(cfg, base, models)
-        inputs = MergeInputs(cfg, base, models, plan)
+        inputs = MergeInputs(cfg, base, models, plan, SubspaceCache(cache_dir) if cache_dir else None)
         check_plan(inputs)
         return inputs
     except BaseException:
@@ -171,6 +174,13 @@ def read_deltas(
     return p.base, p.deltas
 
 
+def context_for(inputs: MergeInputs, info: ParamInfo, stats: dict) -> ParamContext:
+    """The parameter's :class:`ParamContext`, with the merge's subspace cache."""
+    ctx = make_context(inputs.cfg, info, stats)
+    ctx.cache = inputs.cache
+    return ctx
+
+
 def release_parameter(inputs: MergeInputs, name: str) -> None:
     """Let the sources drop ``name``'s mapped pages from the resident set."""
     for src in (inputs.base, *inputs.models):
@@ -238,7 +248,7 @@ def prepare_stats(inputs: MergeInputs, device: torch.device, progress: bool = Fa
     for position, stage in stages:
 
         def filtered(info: ParamInfo, p: ParamInputs, position=position, stage=stage):
-            ctx = make_context(cfg, info, stats)
+            ctx = context_for(inputs, info, stats)
             return ctx, p.base, accepted(stage, apply_filters(pre[:position], p.base, p.deltas, ctx))
 
         def stream(stage=stage, filtered=filtered):
@@ -282,7 +292,7 @@ def read_for_merge(inputs: MergeInputs, info: ParamInfo, device: torch.device) -
 def merge_read(inputs: MergeInputs, info: ParamInfo, p: ParamInputs, stats: dict) -> Delta:
     """Phase 2a: the parameter through the pipeline, the merged update checked finite."""
     cfg = inputs.cfg
-    merged = merge_parameter(cfg.pipeline, p.base, p.deltas, make_context(cfg, info, stats))
+    merged = merge_parameter(cfg.pipeline, p.base, p.deltas, context_for(inputs, info, stats))
     for t in tensors_of(merged):
         check_finite(t, f"method {cfg.method}", info.name)
     return merged

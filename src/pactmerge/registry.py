@@ -80,6 +80,7 @@ class ParamContext:
     weights: list[float]  # per-model weight (default 1.0)
     model_params: list[dict[str, Any]]  # per-model method-specific options (e.g. a lambda per task)
     stats: dict[str, Any] = field(default_factory=dict)  # from the `prepare` passes, keyed by method/filter name
+    cache: Any = None  # a pactmerge.linalg.cache.SubspaceCache for base-model subspaces, or None
 
     @property
     def name(self) -> str:

@@ -8,6 +8,7 @@ from pactmerge.linalg.core import (
     randomized_svd,
     top_right_singular_vectors,
 )
+from pactmerge.linalg.spectral import stacked_top_right, thin_svd, top_right_exact
 
 __all__ = [
     "default_rtol",
@@ -15,5 +16,8 @@ __all__ = [
     "orth",
     "polar_factor",
     "randomized_svd",
+    "stacked_top_right",
+    "thin_svd",
+    "top_right_exact",
     "top_right_singular_vectors",
 ]

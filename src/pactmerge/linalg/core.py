@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pactmerge.linalg.spectral import thin_svd, top_right_exact
+
 
 def default_rtol(shape: tuple[int, ...], dtype: torch.dtype) -> float:
     """Relative tolerance below which a singular value counts as zero.
@@ -54,7 +56,7 @@ def orth(a: Tensor, rtol: float | None = None, atol: float = 0.0) -> Tensor:
     n, c = a.shape
     if c == 0:
         return a.new_zeros((n, 0))
-    u, s, _ = torch.linalg.svd(a, full_matrices=False)
+    u, s, _ = thin_svd(a)
     if rtol is None:
         rtol = default_rtol(tuple(a.shape), a.dtype)
     if s.numel() == 0 or s[0] <= atol:
@@ -81,7 +83,7 @@ def polar_factor(a: Tensor, rank_rtol: float | None = None, literal: bool = Fals
     Returns:
         ``(m, n)`` matrix, a partial isometry on the range of ``a``.
     """
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    u, s, vh = thin_svd(a)
     if not literal:
         if rank_rtol is None:
             rank_rtol = torch.finfo(a.dtype).eps ** 0.5
@@ -121,7 +123,7 @@ def randomized_svd(
         z, _ = torch.linalg.qr(a.mT @ q)
         q, _ = torch.linalg.qr(a @ z)
     b = q.mT @ a  # (width, n)
-    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
+    ub, s, vh = thin_svd(b)
     return (q @ ub)[:, :rank], s[:rank], vh[:rank]
 
 
@@ -148,10 +150,7 @@ def top_right_singular_vectors(
     if k == 0:
         return a.new_zeros((n, 0))
     if method == "exact":
-        # The right singular vectors of a are the eigenvectors of the smaller Gram side;
-        # a thin SVD is the stable way to get them.
-        _, _, vh = torch.linalg.svd(a, full_matrices=False)
-        return vh[:k].mT
+        return top_right_exact(a, k)  # the small side / Gram route where it pays (linalg/spectral.py)
     if method == "randomized":
         _, _, vh = randomized_svd(a, k, oversample=oversample, power_iters=power_iters, generator=generator)
         return vh.mT

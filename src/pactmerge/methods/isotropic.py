@@ -26,7 +26,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from pactmerge.linalg import numerical_rank, polar_factor
+from pactmerge.linalg import numerical_rank, polar_factor, thin_svd
 from pactmerge.lowrank import Delta, LowRankDelta, all_lowrank, densify, factor_svd, scale_delta, stacked_svd
 from pactmerge.methods.task_arithmetic import weighted_sum
 from pactmerge.registry import ParamContext, Params, register_method
@@ -46,7 +46,7 @@ def isotropic_flatten(m: Tensor, rank_aware: bool = True, rank_rtol: float | Non
 
     With ``rank_aware`` the product runs over the numerical range of ``m`` only.
     """
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    u, s, vh = thin_svd(m)
     sigma_bar = s.mean()
     if rank_aware:
         r = numerical_rank(s, tuple(m.shape), rank_rtol)
@@ -108,7 +108,7 @@ def iso_cts_merge(deltas: list[Tensor], f: float, rank_aware: bool = True, rank_
     m, n = deltas[0].shape
     r, T = min(m, n), len(deltas)
     k_c, s_per = iso_cts_split(r, T, f)
-    u, s, vh = torch.linalg.svd(weighted_sum(deltas, [1.0] * T), full_matrices=False)
+    u, s, vh = thin_svd(weighted_sum(deltas, [1.0] * T))
     keep_c = min(k_c, numerical_rank(s, (m, n), rank_rtol)) if rank_aware else k_c
     u_c = u[:, :keep_c]  # well-posed: arbitrary null-direction vectors are not projected out either
     us, vs, sigma_sum = [u_c], [vh[:keep_c].mT], s[:k_c].sum()
@@ -120,7 +120,7 @@ def iso_cts_merge(deltas: list[Tensor], f: float, rank_aware: bool = True, rank_
         if s_per == 0:
             break
         d_bar = d - u_c @ (u_c.mT @ d)  # the common left subspace projected out
-        ut, st, vht = torch.linalg.svd(d_bar, full_matrices=False)
+        ut, st, vht = thin_svd(d_bar)
         sigma_sum = sigma_sum + st[:s_per].sum()
         # Null test against the task's own scale: d_bar's round-off is relative to ||Delta_t||.
         keep = int((st[:s_per] > rtol * torch.linalg.matrix_norm(d)).sum()) if rank_aware else s_per

@@ -37,7 +37,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from pactmerge.linalg import numerical_rank, polar_factor
+from pactmerge.linalg import numerical_rank, polar_factor, thin_svd
 from pactmerge.lowrank import Delta, LowRankDelta, all_lowrank, densify, factor_svd, scale_delta
 from pactmerge.methods.isotropic import mean_of
 from pactmerge.registry import ParamContext, Params, register_method
@@ -61,7 +61,7 @@ def tsv_merge(deltas: list[Delta], rank_aware: bool = True, rank_rtol: float | N
     k = min(m, n) // len(deltas)
     us, ss, vs = [], [], []
     for d in deltas if lowrank else densify(deltas):
-        u, s, vh = factor_svd(d) if isinstance(d, LowRankDelta) else torch.linalg.svd(d, full_matrices=False)
+        u, s, vh = factor_svd(d) if isinstance(d, LowRankDelta) else thin_svd(d)
         keep = min(k, numerical_rank(s, (m, n), rank_rtol)) if rank_aware else k
         us.append(u[:, :keep])
         ss.append(s[:keep])
