@@ -6,9 +6,12 @@ import sys
 from enum import Enum
 from pathlib import Path
 
-from pactmerge.backends.threads import prefer_passive_wait
+from pactmerge.backends.threads import prefer_huge_pages, prefer_passive_wait
 
-prefer_passive_wait()  # before torch is imported: idle OpenMP threads sleep instead of spinning
+# Before torch is imported (both are read once at its start): idle OpenMP threads sleep instead
+# of spinning; large tensors get transparent huge pages (docs/performance.md).
+prefer_passive_wait()
+prefer_huge_pages()
 
 import typer  # noqa: E402
 

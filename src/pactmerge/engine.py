@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from pactmerge.backends.gpu import to_device
 from pactmerge.config import DTYPES, MergeConfig
 from pactmerge.errors import PactMergeError
 from pactmerge.io.sources import Source
@@ -141,7 +142,7 @@ def read_parameter(inputs: MergeInputs, info: ParamInfo, device: torch.device, l
     dtype = inputs.cfg.compute_dtype
     raw = inputs.base.get(info.name)
     check_finite(raw, inputs.base.file_of(info.name), info.name)
-    base = raw.to(device=device, dtype=dtype)
+    base = to_device(raw, device, dtype)  # CUDA: through pinned memory on a copy stream
     owned = base is not raw
     del raw
     deltas: list[Delta] = []
@@ -157,11 +158,19 @@ def read_parameter(inputs: MergeInputs, info: ParamInfo, device: torch.device, l
             continue
         t = src.get(info.name)
         check_finite(t, src.file_of(info.name), info.name)
-        converted = t.to(device=device, dtype=dtype)
-        # In place only into a conversion's own buffer: `t` itself may be the caller's memory.
-        deltas.append(torch.sub(converted, base) if converted is t else converted.sub_(base))
-        del t, converted
+        deltas.append(task_vector(t, base))
+        del t
     return ParamInputs(base, deltas, owned)
+
+
+def task_vector(t: Tensor, base: Tensor) -> Tensor:
+    """``t - base`` as a new tensor in ``base``'s dtype and device; ``t`` is never written to.
+
+    (A mixed-dtype ``torch.sub(t, base)`` is no faster on the CPU: torch converts into a
+    temporary first; measured.)"""
+    converted = to_device(t, base.device, base.dtype)
+    # In place only into a conversion's own buffer: `t` itself may be the caller's memory.
+    return torch.sub(converted, base) if converted is t else converted.sub_(base)
 
 
 def read_deltas(
@@ -308,10 +317,14 @@ def merged_weight(inputs: MergeInputs, info: ParamInfo, p: ParamInputs | Tensor,
     out_dtype = DTYPES[cfg.out_dtype] if cfg.out_dtype else info.dtype
     merged = merge_read(inputs, info, p, stats)
     del p.deltas[:]
-    if p.base_owned:
+    if isinstance(merged, LowRankDelta):
+        theta = (
+            add_to(p.base, merged, cfg.alpha)
+            if p.base_owned
+            else torch.addmm(p.base, merged.B, merged.A, alpha=cfg.alpha)
+        )
+    elif p.base_owned:
         theta = add_to(p.base, merged, alpha=cfg.alpha)
-    elif isinstance(merged, LowRankDelta):
-        theta = torch.addmm(p.base, merged.B, merged.A, alpha=cfg.alpha)
     else:  # base is an input's memory: the sum goes to a new tensor
         theta = torch.add(p.base, merged, alpha=cfg.alpha)
     del merged

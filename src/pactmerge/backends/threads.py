@@ -11,6 +11,9 @@ steal the very cores the others need (measured on a loaded 2-core machine: one 3
 * the command line sets ``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP threads sleep instead of
   spinning) unless the environment already sets it -- it must be set before torch is imported,
   so Python API users who want it set it themselves (``export OMP_WAIT_POLICY=PASSIVE``).
+
+The command line also sets ``THP_MEM_ALLOC_ENABLE=1`` (:func:`prefer_huge_pages`), for the same
+reason read only at torch's start.
 """
 
 from __future__ import annotations
@@ -43,3 +46,11 @@ def prefer_passive_wait() -> None:
     """``OMP_WAIT_POLICY=PASSIVE`` unless already set. Takes effect only if torch (OpenMP) has not
     been loaded yet: call it before ``import torch``."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def prefer_huge_pages() -> None:
+    """``THP_MEM_ALLOC_ENABLE=1`` unless already set: torch backs CPU tensors of 2 MB and more
+    with transparent huge pages. A merge allocates a fresh buffer per parameter and task; with
+    4 KiB pages each costs a page fault per 4 KiB (measured: 1.4 M faults and 2.0 s -> 0.1 M and
+    0.65 s for a 100 M-parameter bfloat16 TA merge). Read once by torch: call before ``import torch``."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
