@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pactmerge
 from pactmerge.backends import Sequential, make_backend
@@ -326,3 +328,24 @@ def test_ray_backend_refuses_in_memory_inputs(ray_cluster, tmp_path):
         pactmerge.merge(base_model=sd, models=[sd], output_dir=tmp_path / "o", backend="ray")
     with pytest.raises(PactMergeError, match="--backend ray writes a dense model folder"):
         pactmerge.merge(base_model=sd, models=[sd], backend="ray")
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    n=st.integers(1 << 16, 1 << 17),
+    frac=st.floats(0.0, 1.0),
+    repeats=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 10**6),
+)
+def test_kth_largest_magnitude_is_exact_on_large_tensors(n, frac, repeats, dtype, seed):
+    from pactmerge.methods.ties import kth_largest_magnitude
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(n) * 10.0 ** rng.integers(-3, 3)
+    if repeats:  # many equal magnitudes around the threshold
+        x[: n // 2] = np.round(x[: n // 2], 1)
+    t = torch.from_numpy(x).to(dtype)
+    k = max(1, min(n - 1, int(frac * n)))
+    ref = np.sort(np.abs(t.numpy()))[::-1][k - 1]  # independent: numpy's sort
+    assert kth_largest_magnitude(t, k) == float(ref)

