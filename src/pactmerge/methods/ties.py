@@ -197,16 +197,22 @@ class _Select:
 
     def observe(self, a: Tensor) -> None:
         """One parameter's magnitudes (any shape) during a pass."""
-        bits, width = _as_bits(a.reshape(-1))
+        bits, width = _as_bits(a.reshape(-1))  # int32 for float32: no widening pass (values < 2**31)
         self.width = width
-        bits = bits.to(torch.int64)
-        if self.resolved:
-            bits = bits[(bits >> (width - self.resolved)) == self.prefix]
         if self.collect:
-            self.values.append(bits.cpu())
+            bits = bits[(bits >> (width - self.resolved)) == self.prefix]
+            self.values.append(bits.to(torch.int64).cpu())
             return
-        digit = (bits >> (width - self.resolved - _DIGIT)) & ((1 << _DIGIT) - 1)  # widths are multiples of 16
-        h = torch.bincount(digit, minlength=1 << _DIGIT).cpu()
+        digit = bits >> (width - self.resolved - _DIGIT)  # widths are multiples of 16
+        if self.resolved:
+            # The next digit of the values inside the prefix bin, without selecting them: offsets
+            # from the bin's first key, clamped so every value outside lands in one of two
+            # extra bins (0: below, 2**16 + 1: above) that are then dropped.
+            digit = digit - (self.prefix << _DIGIT)
+            digit.clamp_(-1, 1 << _DIGIT).add_(1)
+            h = torch.bincount(digit, minlength=(1 << _DIGIT) + 2)[1:-1].cpu()
+        else:
+            h = torch.bincount(digit, minlength=1 << _DIGIT).cpu()
         self.hist = h if self.hist is None else self.hist + h
 
     def finish_pass(self) -> None:
