@@ -14,7 +14,10 @@ sides compute in float32 and write bfloat16. The I/O floor is a process that rea
 file once (into a reused buffer) and writes one output model of the same size: the least any
 tool must do. "max rel diff" is max over tensors of max|D_ours - D_mergekit| / max|D_mergekit|,
 D = merged - base; both round the same float32 result to bfloat16, so identical arithmetic gives
-0. DARE draws different random masks on the two sides (not comparable entrywise; the p = 0 case
+0. TIES differs where magnitudes tie at the trim threshold -- frequent with bfloat16 weights,
+whose differences take few distinct values: pactmerge keeps every entry equal to the k-th
+largest magnitude (the TIES code's rule), mergekit exactly k by a sort; the fraction of entries
+that differ is given. DARE draws different random masks on the two sides (not comparable entrywise; the p = 0 case
 matches exactly, see reference_parity.py): its row reports the relative difference of the
 merged updates' L1 norms instead.
 """
@@ -22,7 +25,9 @@ merged updates' L1 norms instead.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -91,6 +96,12 @@ with open(out / "model.safetensors", "wb", buffering=0) as fh:
 """
 
 
+def digest(folder: Path) -> dict:
+    return {
+        f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir()) if f.name != "README.md"
+    }
+
+
 def l1_rel_diff(base: Path, ours: Path, ref: Path) -> float:
     b, o, r = open_folder(base), open_folder(ours), open_folder(ref)
     num = den = 0.0
@@ -112,13 +123,17 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(CASES))
     ap.add_argument("--workers", type=int, default=0, help="also time pactmerge --workers N (0: skip)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument("--tiny", action="store_true", help="a tiny Llama (hidden 256) to check the script quickly")
     args = ap.parse_args()
     shape = {**TINYLLAMA, "layers": args.layers}
-    data = args.workdir / f"tinyllama-{args.layers}"
+    if args.tiny:
+        shape.update(hidden=256, inter=704, vocab=1000, heads=8, kv_heads=2)
+    data = args.workdir / f"tinyllama-{args.layers}{'-tiny' if args.tiny else ''}"
     base, models = make_family(
         data, llama_layout(**shape), 3, dtype=_bf16(), config=llama_config(shape, "bfloat16"), rel_noise=0.1
     )
-    n_params = sum(open_folder(base).shape(n).numel() for n in open_folder(base).names())
+    src = open_folder(base)
+    n_params = sum(math.prod(src.shape(n)) for n in src.names())
     outs = args.workdir / "out"
     cfgs = args.workdir / "configs"
     cfgs.mkdir(parents=True, exist_ok=True)
@@ -127,6 +142,7 @@ def main() -> None:
     results: dict = {(m, s): [] for m in methods for s in sides}
     floor: list[dict] = []
     diffs: dict = {}
+    same: dict = {}
     for rep in range(args.repeats):
         floor.append(run_with_peak([sys.executable, "-c", FLOOR, str(outs / "floor"), str(base), *map(str, models)]))
         shutil.rmtree(outs / "floor", ignore_errors=True)
@@ -180,7 +196,11 @@ def main() -> None:
                 results[(m, side)].append(r)
                 print(f"[{rep}] {m} {side}: {r}", file=sys.stderr, flush=True)
             ref_out, ours_out = outs / f"{m}-mergekit", outs / f"{m}-pactmerge"
-            if (m, "diff") not in diffs and ref_out.exists() and ours_out.exists():
+            for side in sides[2:]:  # the pool must write the plain loop's bytes
+                pooled = outs / f"{m}-{side.replace(' ', '')}"
+                if pooled.exists() and ours_out.exists():
+                    same[(m, side)] = same.get((m, side), True) and digest(pooled) == digest(ours_out)
+            if m not in diffs and ref_out.exists() and ours_out.exists():
                 if m == "DARE-TIES":
                     diffs[m] = f"L1 {l1_rel_diff(base, ours_out, ref_out):.1e} (masks differ)"
                 else:
@@ -194,8 +214,10 @@ def main() -> None:
         return median(vals) if vals else float("nan")
 
     floor_s, floor_rss = med(floor, "seconds"), med(floor, "peak_rss")
+    tiny_note = " (tiny check)" if args.tiny else ""
     print(
-        f"\nTinyLlama-1.1B shapes ({args.layers} layers, {n_params / 1e9:.2f} B parameters), bfloat16, base + 3"
+        f"\nTinyLlama-1.1B shapes{tiny_note} ({args.layers} layers, {n_params / 1e9:.2f} B parameters), bfloat16,"
+        " base + 3"
         f" fine-tunes, compute float32; {machine()}; {args.repeats} repeats, medians; one thread each side.\n"
         f"I/O floor (read 4 models, write 1): {floor_s:.1f} s, {fmt_bytes(floor_rss)}.\n"
     )
@@ -220,7 +242,9 @@ def main() -> None:
                     f"{fmt_bytes(r_mk)} / {fmt_bytes(r_ours)}",
                     f"**{r_ours / r_mk:.2f}x**",
                     f"{t_ours / floor_s:.2f}x",
-                    diffs.get(m, "-") if side == "pactmerge" else "same bytes as -j1",
+                    diffs.get(m, "-")
+                    if side == "pactmerge"
+                    else ("same bytes as --workers 1" if same.get((m, side)) else "BYTES DIFFER from --workers 1"),
                 ]
             )
     print(
