@@ -10,7 +10,9 @@ Usage (the benchmark venv has fusion_bench; our side runs from this checkout's s
         [--repeats 3] [--methods TA,TIES,TSV-M,Iso-C,Iso-CTS] [--workdir /work/bench_tmp/fusion_bench]
 
 Every measurement is a fresh process with one thread (OMP/MKL_NUM_THREADS=1 and
-``torch.set_num_threads(1)``); the sides alternate and repeat; the table has medians.
+``torch.set_num_threads(1)``) and, on both sides, the environment pactmerge's command line sets
+(``THP_MEM_ALLOC_ENABLE=1``, ``OMP_WAIT_POLICY=PASSIVE``); the sides alternate and repeat; the
+table has medians. Both sides import their library before the timed call.
 
 * **merge call**: both sides first load every checkpoint into ordinary (anonymous) memory --
   ``.clone()`` of each tensor, so no lazily mapped page is first touched inside the timed call --
@@ -47,6 +49,9 @@ from bench_util import (
     vit_b32_layout,
 )
 
+# Both sides run with the settings pactmerge's command line makes (docs/performance.md): torch's
+# large buffers on transparent huge pages, idle OpenMP threads asleep.
+SAME_ENV = {"THP_MEM_ALLOC_ENABLE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 OURS_PY = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "python")
 
 CASES = {
@@ -125,15 +130,17 @@ def worker(spec: dict) -> None:
         def run():
             return {k: v.detach() for k, v in alg.run(pool).state_dict().items()}
     else:
-        import pactmerge
+        from pactmerge.api import merge
+        from pactmerge.registry import available_methods
 
+        available_methods()  # imports every method, as importing fusion_bench.method does
         if materialize:
             base, models = _load(data / "base", True), [_load(data / n, True) for n in names]
         else:
             base, models = str(data / "base"), [str(data / n) for n in names]
 
         def run():
-            return pactmerge.merge(base_model=base, models=models, **ours_cfg)
+            return merge(base_model=base, models=models, **ours_cfg)
 
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -182,7 +189,7 @@ def main() -> None:
                 if rep == 0 and mode == "call":
                     spec["save"] = str(out / f"{m}-{side}.safetensors")
                 py = sys.executable if side == "fusion_bench" else OURS_PY
-                r = run_with_peak([py, __file__, "--worker", json.dumps(spec)], {"PYTHONPATH": str(SRC)})
+                r = run_with_peak([py, __file__, "--worker", json.dumps(spec)], {"PYTHONPATH": str(SRC), **SAME_ENV})
                 if "error" not in r:
                     r.update(json.loads(r.pop("stdout").strip().splitlines()[-1]))
                     r["process_s"] = r["seconds"] - r["save_s"]

@@ -325,7 +325,10 @@ def merged_weight(inputs: MergeInputs, info: ParamInfo, p: ParamInputs | Tensor,
         )
     elif p.base_owned:
         theta = add_to(p.base, merged, alpha=cfg.alpha)
-    else:  # base is an input's memory: the sum goes to a new tensor
+    elif merged.data_ptr() != p.base.data_ptr() and merged.is_contiguous():
+        # base is an input's memory: the sum goes into the merged update's own buffer
+        theta = torch.add(p.base, merged, alpha=cfg.alpha, out=merged)
+    else:
         theta = torch.add(p.base, merged, alpha=cfg.alpha)
     del merged
     theta = theta.to(dtype=out_dtype).cpu()
