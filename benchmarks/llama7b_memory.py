@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each merge")
     ap.add_argument("--methods", default=",".join(CASES))
     ap.add_argument("--workdir", type=Path, default=Path("/work/bench_tmp/llama7b"))
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (hidden 256) to check the script quickly")
     args = ap.parse_args()
     counts = [int(x) for x in args.layers.split(",") if x]
     if args.full:
@@ -56,6 +57,8 @@ def main() -> None:
     ours_py = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "python")
     for n_layers in counts:
         shape = {**LLAMA2_7B, "layers": n_layers}
+        if args.tiny:
+            shape.update(hidden=256, inter=688, vocab=1000, heads=8, kv_heads=8)
         data = args.workdir / f"layers-{n_layers}"
         base, models = make_family(
             data, llama_layout(**shape), 2, dtype=torch.bfloat16, config=llama_config(shape, "bfloat16")

@@ -9,7 +9,7 @@ Usage::
 
 Each merge is a fresh process with one thread, in-memory inputs loaded (materialized) before the
 timed ``pactmerge.merge`` call; the rows alternate and repeat; the table has medians and the
-ratio to plain Iso-C's median. "cached V_0,K" runs with ``cache_dir`` after a run that filled
+ratio to plain Iso-C's median. "cached V_0K" runs with ``cache_dir`` after a run that filled
 the cache (a base merged again: other fine-tunes, another alpha).
 """
 
@@ -26,12 +26,13 @@ from pathlib import Path
 from bench_util import SRC, machine, make_family, median, run_with_peak, table, vit_b32_layout
 
 PACT = {"K": 15, "k": 8}
+ENV = {"THP_MEM_ALLOC_ENABLE": "1", "OMP_WAIT_POLICY": "PASSIVE"}  # as pactmerge's command line sets
 ROWS = {
     "Iso-C": {"method": "iso_c"},
-    "PACT-Iso-C, randomized": {"method": "iso_c", "pact": {**PACT, "svd": "randomized"}},
-    "PACT-Iso-C, randomized, cached V_0,K": {"method": "iso_c", "pact": {**PACT, "svd": "randomized"}, "cache": True},
-    "PACT-Iso-C, exact": {"method": "iso_c", "pact": {**PACT, "svd": "exact"}},
-    "PACT-Iso-C, exact, cached V_0,K": {"method": "iso_c", "pact": {**PACT, "svd": "exact"}, "cache": True},
+    "PACT-Iso-C randomized": {"method": "iso_c", "pact": {**PACT, "svd": "randomized"}},
+    "PACT-Iso-C randomized + cached V_0K": {"method": "iso_c", "pact": {**PACT, "svd": "randomized"}, "cache": True},
+    "PACT-Iso-C exact": {"method": "iso_c", "pact": {**PACT, "svd": "exact"}},
+    "PACT-Iso-C exact + cached V_0K": {"method": "iso_c", "pact": {**PACT, "svd": "exact"}, "cache": True},
 }
 
 
@@ -39,8 +40,10 @@ def worker(spec: dict) -> None:
     import torch
     from safetensors.torch import load_file
 
-    import pactmerge
+    from pactmerge.api import merge
+    from pactmerge.registry import available_methods
 
+    available_methods()  # imports outside the timed call
     torch.set_num_threads(1)
     data = Path(spec["data"])
 
@@ -52,7 +55,7 @@ def worker(spec: dict) -> None:
     cfg = dict(spec["cfg"])
     cache = spec.get("cache_dir") if cfg.pop("cache", False) else None
     t0 = time.perf_counter()
-    pactmerge.merge(base_model=base, models=models, cache_dir=cache, **cfg)
+    merge(base_model=base, models=models, cache_dir=cache, **cfg)
     print(json.dumps({"merge_s": time.perf_counter() - t0}))
 
 
@@ -80,11 +83,13 @@ def main() -> None:
     for r in rows:
         if ROWS[r].get("cache"):
             spec = {"data": str(data), "cfg": ROWS[r], "cache_dir": str(cache_dir)}
-            run_with_peak([sys.executable, __file__, "--worker", json.dumps(spec)], {"PYTHONPATH": str(SRC)})
+            run_with_peak([sys.executable, __file__, "--worker", json.dumps(spec)], {"PYTHONPATH": str(SRC), **ENV})
     for rep in range(args.repeats):
         for r in rows if rep % 2 == 0 else list(reversed(rows)):
             spec = {"data": str(data), "cfg": ROWS[r], "cache_dir": str(cache_dir)}
-            res = run_with_peak([sys.executable, __file__, "--worker", json.dumps(spec)], {"PYTHONPATH": str(SRC)})
+            res = run_with_peak(
+                [sys.executable, __file__, "--worker", json.dumps(spec)], {"PYTHONPATH": str(SRC), **ENV}
+            )
             if "error" not in res:
                 res.update(json.loads(res.pop("stdout").strip().splitlines()[-1]))
             times[r].append(res)
