@@ -200,6 +200,7 @@ def dry_run(config: MergeConfig | dict | str | os.PathLike, progress: bool = Fal
         for info in tqdm(inputs.plan.params, desc="checking", unit="param", disable=not progress, file=sys.stderr):
             for src in [inputs.base, *inputs.models]:
                 check_finite(src.get(info.name), src.file_of(info.name), info.name)
+                src.release(info.name)  # mapped pages leave the resident set as they are checked
         depth = [(stage.name, stage.depth) for stage in cfg.pipeline.filters]
         return inputs.plan.describe(depth)
     finally:
