@@ -322,6 +322,25 @@ def test_ray_backend_writes_the_same_bytes_as_the_plain_loop(ray_cluster, checkp
         assert distributed == plain
 
 
+def test_ray_backend_reports_a_bad_input_in_one_line(ray_cluster, tmp_path):
+    from pactmerge.synthetic import write_hf_folder
+
+    base = base_state(layers=2, hidden=16)
+    bad = finetune_state(base, 0)
+    bad["encoder.layer.1.output.dense.weight"][0, 0] = float("inf")
+    write_hf_folder(tmp_path / "base", base)
+    write_hf_folder(tmp_path / "bad", bad)
+    cfg = {"base_model": str(tmp_path / "base"), "models": [str(tmp_path / "bad")]}
+    with pytest.raises(
+        PactMergeError,
+        match=r"bad/model\.safetensors: parameter 'encoder\.layer\.1\.output\.dense\.weight' contains Inf",
+    ):
+        pactmerge.merge(cfg, tmp_path / "out", backend="ray")
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    with pytest.raises(PactMergeError, match="contains Inf"):  # also from the statistics pass
+        pactmerge.merge({**cfg, "method": "ties"}, tmp_path / "out", backend="ray")
+
+
 def test_ray_backend_refuses_in_memory_inputs(ray_cluster, tmp_path):
     sd = {"w": torch.zeros(3, 3)}
     with pytest.raises(PactMergeError, match="--backend ray: .*in-memory"):

@@ -40,6 +40,17 @@ def _ray():
     return ray
 
 
+def _get(ray, ref):
+    """``ray.get``, re-raising a task's PactMergeError as itself (one line for the user)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, PactMergeError):
+            raise PactMergeError(str(cause)) from None
+        raise
+
+
 def _run_chunk(read: Callable, compute: Callable, items: list, threads: int) -> list:
     from pactmerge.backends.threads import set_worker_threads
 
@@ -133,7 +144,7 @@ class RayBackend:
                     window.append(task.remote(read_ref, compute_ref, chunk, self.threads))
                 if not window:
                     return
-                yield from ray.get(window.popleft())
+                yield from _get(ray, window.popleft())
         finally:
             for ref in window:
                 ray.cancel(ref)
@@ -157,11 +168,15 @@ class RayBackend:
         task = ray.remote(num_cpus=self.threads)(_write_group)
         shared = [ray.put(x) for x in (inputs, device, stats, plan)]
         refs = [task.remote(shared[0], g, *shared[1:], str(folder), self.threads) for g in groups]
-        with tqdm(total=len(params), desc="merging (ray)", unit="param", disable=not progress) as bar:
-            remaining = refs
-            while remaining:
-                done, remaining = ray.wait(remaining, num_returns=1)
-                bar.update(ray.get(done[0]))
+        remaining = refs
+        try:
+            with tqdm(total=len(params), desc="merging (ray)", unit="param", disable=not progress) as bar:
+                while remaining:
+                    done, remaining = ray.wait(remaining, num_returns=1)
+                    bar.update(_get(ray, done[0]))
+        finally:
+            for ref in remaining:  # a failed group stops the others
+                ray.cancel(ref)
         return plan.finish(folder)
 
 
