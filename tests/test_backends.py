@@ -368,3 +368,63 @@ def test_kth_largest_magnitude_is_exact_on_large_tensors(n, frac, repeats, dtype
     k = max(1, min(n - 1, int(frac * n)))
     ref = np.sort(np.abs(t.numpy()))[::-1][k - 1]  # independent: numpy's sort
     assert kth_largest_magnitude(t, k) == float(ref)
+
+
+# -- elementwise merges run in chunks, with the same bytes ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"method": "task_arithmetic", "alpha": 0.7},
+        {"method": "weight_average"},
+        {"method": "ties"},  # model scope: thresholds from the statistics pass
+        {"method": "ties", "parameters": {"density": 1.0, "scope": "tensor", "aggregate": "sum"}},
+    ],
+    ids=["ta", "weight_average", "ties-model", "ties-density1"],
+)
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_elementwise_merges_in_chunks_write_the_same_bytes(tmp_path, monkeypatch, cfg, dtype):
+    import pactmerge.engine as engine
+    from pactmerge.synthetic import write_hf_folder
+
+    base = base_state(layers=2, hidden=20, vocab=37)  # odd sizes: chunks end mid-row, tails differ
+    write_hf_folder(tmp_path / "base", base, dtype=dtype)
+    for t in range(3):
+        write_hf_folder(tmp_path / f"m{t}", finetune_state(base, t), dtype=dtype)
+    full = {
+        "base_model": str(tmp_path / "base"),
+        "models": [str(tmp_path / f"m{t}") for t in range(3)],
+        "out_dtype": "bfloat16" if dtype else None,
+        **cfg,
+    }
+    calls = []
+    real = engine.merged_weight_chunked
+    monkeypatch.setattr(engine, "merged_weight_chunked", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(engine, "CHUNK", 256)  # many chunks per parameter
+    chunked = digest(pactmerge.merge(full, tmp_path / "chunked"))
+    assert calls  # the chunked path ran
+    monkeypatch.setattr(engine, "merges_in_chunks", lambda *a: False)
+    whole = digest(pactmerge.merge(full, tmp_path / "whole"))
+    assert chunked == whole
+
+
+def test_chunks_are_used_only_when_every_stage_is_elementwise(checkpoints):
+    from pactmerge.config import load_config
+    from pactmerge.engine import merges_in_chunks, open_inputs
+
+    base, models = checkpoints
+    cpu = torch.device("cpu")
+    for extra, expected in (
+        ({"method": "task_arithmetic"}, True),
+        ({"method": "ties", "parameters": {"scope": "tensor"}}, False),  # per-tensor top-k
+        ({"method": "task_arithmetic", "filters": ["dare"]}, False),
+        ({"method": "task_arithmetic", "pact": {"K": 2, "k": 1}}, False),
+        ({"method": "iso_c"}, False),
+    ):
+        inputs = open_inputs(load_config({"base_model": str(base), "models": [str(m) for m in models], **extra}))
+        try:
+            info = next(p for p in inputs.plan.params if p.kind == "matrix")
+            assert merges_in_chunks(inputs, info, cpu) is expected, extra
+        finally:
+            inputs.close()

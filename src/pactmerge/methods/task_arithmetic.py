@@ -19,7 +19,7 @@ def weighted_sum(deltas: list[Tensor], weights: list[float]) -> Tensor:
     return out
 
 
-@register_method("task_arithmetic", params=NoParams, lowrank=True)
+@register_method("task_arithmetic", params=NoParams, lowrank=True, elementwise=True)
 def task_arithmetic(base: Tensor, deltas: list[Delta], ctx: ParamContext, p: NoParams) -> Delta:
     """sum_t w_t * Delta_t (w_t = the model's `weight`, default 1); alpha scales the result."""
     if all_lowrank(deltas):

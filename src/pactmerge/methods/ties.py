@@ -279,7 +279,12 @@ def thresholds_for(deltas: list[Tensor], ctx: ParamContext, p: TiesParams, stats
     return [kth_largest_magnitude(d, trim_count(d.numel(), p)) for d in deltas]
 
 
-@register_method("ties", params=TiesParams, prepare=ties_prepare)
+def _elementwise(p: TiesParams) -> bool:
+    # With the thresholds fixed model-wide (or none at density 1), every entry is merged on its own.
+    return p.scope == "model" or p.density >= 1.0
+
+
+@register_method("ties", params=TiesParams, prepare=ties_prepare, elementwise=_elementwise)
 def ties(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: TiesParams) -> Tensor:
     """TIES: trim each Delta_t to its top-density magnitudes, elect signs, disjoint mean (or sum)."""
     if p.scope == "tensor" and p.density < 1.0:  # thresholds found on the |Delta_t| the trim reuses

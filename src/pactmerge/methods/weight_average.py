@@ -18,7 +18,7 @@ from pactmerge.methods.task_arithmetic import weighted_sum
 from pactmerge.registry import NoParams, ParamContext, register_method
 
 
-@register_method("weight_average", params=NoParams, lowrank=True)
+@register_method("weight_average", params=NoParams, lowrank=True, elementwise=True)
 def weight_average(base: Tensor, deltas: list[Delta], ctx: ParamContext, p: NoParams) -> Delta:
     """sum_t w_t Delta_t / sum_t w_t: the (weighted) mean of the fine-tuned weights at alpha = 1."""
     total = float(sum(ctx.weights))
