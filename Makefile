@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,eval,data,analysis,lora,image]' 'torch==2.13.0'
+	$(PIP) install -q -e '.[dev,eval,data,analysis,lora,image,ray]' 'torch==2.13.0'
 	touch $(STAMP)
 
 # The house rules run first: ruff (lint + format, one line length) and mypy on the core.

@@ -10,7 +10,8 @@ Run it in the separate benchmark venv (the main .venv stays free of both package
 
 A reference that cannot be imported is reported as "not installed" and skipped. Every merge runs
 in a fresh subprocess; "peak MiB" is its peak resident-set growth during the merge (VmHWM reset
-through /proc/self/clear_refs just before, so imports and input loading are not counted), wall
+through /proc/self/clear_refs just before, so imports and input loading are not counted; the
+in-memory inputs are materialized with ``.clone()`` first, not lazily mapped), wall
 time is the merge call alone. fusion_bench works on in-memory nn.Modules, so both sides merge
 in-memory state dicts there; mergekit reads and writes model folders, so both sides merge from
 and to disk there. "max rel diff" is max over parameters of
@@ -436,9 +437,11 @@ def _rss_kib(field: str) -> int:
 
 
 def _load_folder(path: Path) -> dict:
+    """Every tensor in ordinary memory. ``load_file`` alone returns lazily mapped tensors: the
+    first touch of each input page would then be counted in the merge's time and peak memory."""
     from safetensors.torch import load_file
 
-    return load_file(str(path / "model.safetensors"))
+    return {k: v.clone() for k, v in load_file(str(path / "model.safetensors")).items()}
 
 
 def _as_module(sd: dict, buffers: bool = False):

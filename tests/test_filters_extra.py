@@ -14,7 +14,8 @@ from test_methods_extra import as_torch, deltas_of, layer_models, np_kth_largest
 
 def np_dare_keep(name: str, salt: int, shape, p: float, seed: int = 0) -> np.ndarray:
     """The documented draw: per-parameter seed (config seed, crc32 of the name), generator seeded
-    with (seed * 1_000_003 + task index) mod (2^63 - 1), float64 uniforms on the CPU, keep if >= p."""
+    with (seed * 1_000_003 + task index) mod (2^63 - 1), uniforms in the compute dtype (float64
+    here) on the CPU, keep if >= p."""
     pseed = (seed * 2_654_435_761 + zlib.crc32(name.encode())) % (2**62)
     g = torch.Generator().manual_seed((pseed * 1_000_003 + salt) % (2**63 - 1))
     return (torch.rand(tuple(shape), generator=g, dtype=torch.float64) >= p).numpy()

@@ -10,8 +10,11 @@ from typing import Any
 
 from torch import Tensor
 
+from pactmerge.backends import make_backend
+from pactmerge.backends.ray import RayBackend
 from pactmerge.config import MergeConfig, config_to_yaml, load_config
 from pactmerge.engine import iter_merged_params, open_inputs, output_layout, resolve_device
+from pactmerge.errors import PactMergeError
 from pactmerge.io import card
 from pactmerge.io.hf_files import check_chat_template, output_dtype, set_chat_template, set_config_dtype
 from pactmerge.io.output_guard import atomic_output_dir, prepare_target
@@ -29,6 +32,10 @@ def merge(
     force: bool = False,
     progress: bool = False,
     calibration_data: Sequence[ModelData] | None = None,
+    backend: str = "local",
+    workers: int = 1,
+    threads: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
     **overrides: Any,
 ) -> dict[str, Tensor] | Path:
     """Merge models as ``config`` says.
@@ -50,6 +57,14 @@ def merge(
         calibration_data: for data-aware methods/filters (PAVE, RegMean, Fisher): one
             :class:`pactmerge.stats.ModelData` per model (its examples and how to load/run it);
             the statistics are computed once and cached (docs/data_aware.md).
+        backend: ``"local"`` (this process) or ``"ray"`` (a Ray cluster; output to disk only, inputs
+            given as paths). See docs/performance.md.
+        workers: ``local``: 1 runs the plain loop; more runs a pool of that many worker threads with
+            read-ahead and write-behind. ``ray``: parallel tasks (default: the cluster's CPUs).
+        threads: torch intra-op threads per worker (default: unchanged for the plain loop,
+            ``max(1, cores // workers)`` in a pool).
+        cache_dir: keep base-model subspaces (PACT's ``V_{0,K}``) in this folder across runs
+            (:mod:`pactmerge.linalg.cache`); default: no cache.
         **overrides: config keys given directly, e.g. ``merge(base_model=sd0, models=[sd1, sd2],
             method="iso_c", pact={"K": 15, "k": 8})``.
 
@@ -72,13 +87,16 @@ def merge(
     }
     if output_dir is not None:
         prepare_target(output_dir, **guard)
+    runner = make_backend(backend, workers, threads)
+    if isinstance(runner, RayBackend):
+        _check_ray(cfg, output_dir)
     session = None
     if cfg.evaluation is not None:  # the tasks are read and checked, and the evaluator loaded, first
         from pactmerge.eval.session import MergeEvaluation
 
         session = MergeEvaluation(cfg, dev, progress)
         cfg = session.merge_config
-    inputs = open_inputs(cfg, calibration_data)
+    inputs = open_inputs(cfg, calibration_data, cache_dir=cache_dir)
     try:
         check_output(inputs)
         if session is not None:
@@ -86,12 +104,30 @@ def merge(
             if output_dir is None:
                 return dict(session.params(inputs))
         if output_dir is None:
-            return dict(iter_merged_params(inputs, dev, progress))
+            copied = {p.name for p in inputs.plan.params if p.kind == "copy"}
+            # Copied tensors are the inputs' own memory: the result gets copies of its own.
+            return {
+                name: t.clone() if name in copied else t
+                for name, t in iter_merged_params(inputs, dev, progress, backend=runner)
+            }
         if cfg.output == "adapter":
-            return _write_adapter(inputs, Path(output_dir), dev, guard, progress, session)
-        return _write(inputs, Path(output_dir), dev, guard, progress, session)
+            return _write_adapter(inputs, Path(output_dir), dev, guard, progress, session, runner)
+        return _write(inputs, Path(output_dir), dev, guard, progress, session, runner)
     finally:
         inputs.close()
+
+
+def _check_ray(cfg: MergeConfig, output_dir) -> None:
+    """What the Ray backend cannot do, refused before any work."""
+    if output_dir is None or cfg.output == "adapter":
+        raise PactMergeError("--backend ray writes a dense model folder: give an output folder (output: dense)")
+    if cfg.evaluation is not None or cfg.pipeline.method.spec.task_specific:
+        raise PactMergeError(
+            "--backend ray: a merge with an evaluation: block or per-task outputs (task_modulators/) runs on the"
+            " local backend (--backend local)"
+        )
+    if any(stage.spec.needs for stage in cfg.pipeline.stages):
+        raise PactMergeError("--backend ray: data-aware stages (calibration statistics) run on the local backend")
 
 
 def _path_or_none(ref) -> str | None:
@@ -127,7 +163,7 @@ def _card(
     )
 
 
-def _write(inputs, output_dir: Path, device, guard: dict, progress: bool, session=None) -> Path:
+def _write(inputs, output_dir: Path, device, guard: dict, progress: bool, session=None, runner=None) -> Path:
     cfg = session.output_config if session is not None else inputs.cfg
     start = time.perf_counter()
     layout = output_layout(inputs)
@@ -144,17 +180,20 @@ def _write(inputs, output_dir: Path, device, guard: dict, progress: bool, sessio
                 base_model=_path_or_none(cfg.base_model),
             )
         sink = (lambda info, mods: modulators.add(info.name, info.shape, mods)) if modulators else None
-        if session is not None:
-            params = session.params(inputs)
+        if isinstance(runner, RayBackend):
+            files = runner.write_model(inputs, tmp, device, progress)
         else:
-            params = iter_merged_params(inputs, device, progress, on_modulators=sink)
-        try:
-            for name, tensor in params:
-                writer.add(name, tensor)
-            files = writer.close()
-        except BaseException:
-            writer.abort()  # no file handle outlives a failed run
-            raise
+            if session is not None:
+                params = session.params(inputs)
+            else:
+                params = iter_merged_params(inputs, device, progress, on_modulators=sink, backend=runner)
+            try:
+                for name, tensor in params:
+                    writer.add(name, tensor)
+                files = writer.close()
+            except BaseException:
+                writer.abort()  # no file handle outlives a failed run
+                raise
         if modulators is not None:
             modulators.close()
         copied = copy_non_weight_files(inputs.base.folder, tmp) if inputs.base.folder else []
@@ -195,7 +234,7 @@ def _modulators_section(output_dir: Path, num_tasks: int) -> str:
     )
 
 
-def _write_adapter(inputs, output_dir: Path, device, guard: dict, progress: bool, session=None) -> Path:
+def _write_adapter(inputs, output_dir: Path, device, guard: dict, progress: bool, session=None, runner=None) -> Path:
     """``output: adapter``: the merged update ``alpha * merged`` as a PEFT LoRA adapter folder."""
     from pactmerge.config import DTYPES
     from pactmerge.engine import iter_merged_deltas
@@ -221,7 +260,7 @@ def _write_adapter(inputs, output_dir: Path, device, guard: dict, progress: bool
         else:
             scaled = (
                 (info, scale_delta(merged, cfg.fixed_alpha))
-                for info, _, merged in iter_merged_deltas(inputs, device, progress, lowrank=True)
+                for info, _, merged in iter_merged_deltas(inputs, device, progress, lowrank=True, backend=runner)
                 if merged is not None
             )
         updates = ((info, _finite_update(info.name, u, cfg.allow_nonfinite)) for info, u in scaled)
@@ -280,6 +319,7 @@ def dry_run(
                 # (extra_parameters: copy) that only one model has.
                 if info.name in src:
                     check_finite(src.get(info.name), src.file_of(info.name), info.name)
+                    src.release(info.name)  # mapped pages leave the resident set as they are checked
         plan = inputs.plan.describe(cfg.pipeline.filters)
         return plan if inputs.vocab is None else f"{plan}\n{inputs.vocab.describe()}"
     finally:

@@ -9,10 +9,17 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import typer
+from pactmerge.backends.threads import prefer_huge_pages, prefer_passive_wait
 
-from pactmerge import __version__
-from pactmerge.errors import PactMergeError
+# Before torch is imported (both are read once at its start): idle OpenMP threads sleep instead
+# of spinning; large tensors get transparent huge pages (docs/performance.md).
+prefer_passive_wait()
+prefer_huge_pages()
+
+import typer  # noqa: E402
+
+from pactmerge import __version__  # noqa: E402
+from pactmerge.errors import PactMergeError  # noqa: E402
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Merge fine-tuned models without training (PACT and friends)."
@@ -23,6 +30,11 @@ class Device(str, Enum):
     cpu = "cpu"
     cuda = "cuda"
     auto = "auto"
+
+
+class BackendName(str, Enum):
+    local = "local"
+    ray = "ray"
 
 
 def _fail(e: Exception) -> None:
@@ -97,6 +109,16 @@ def merge(
         None, "--push-to-hub", metavar="REPO", help="Then upload OUTPUT_DIR to this Hugging Face Hub repo (owner/name)."
     ),
     private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo as private."),
+    backend: BackendName = typer.Option(
+        BackendName.local, help="local: this process; ray: a Ray cluster (needs the ray extra; docs/performance.md)."
+    ),
+    workers: int = typer.Option(
+        1, min=1, help="local: 1 = the plain loop, N = N worker threads with read-ahead; ray: parallel tasks."
+    ),
+    threads: int = typer.Option(None, min=1, help="torch threads per worker (default: cores / workers in a pool)."),
+    cache_dir: Path = typer.Option(
+        None, help="Keep base-model subspaces (PACT's V_0,K) in this folder across runs (default: none)."
+    ),
 ):
     """Merge the models of CONFIG into OUTPUT_DIR (CONFIG: pactmerge's keys, or a mergekit config)."""
     from pactmerge.api import dry_run as do_dry_run
@@ -120,6 +142,10 @@ def merge(
             overwrite=overwrite,
             force=force,
             progress=progress,
+            backend=backend.value,
+            workers=workers,
+            threads=threads,
+            cache_dir=cache_dir,
             **extra,
         )
         typer.echo(f"wrote {out}")

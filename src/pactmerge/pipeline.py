@@ -41,6 +41,12 @@ class Stage:
         return self.spec.name
 
     @property
+    def elementwise(self) -> bool:
+        """Whether this stage, with these parameters, works entry by entry (registry doc)."""
+        e = self.spec.elementwise
+        return bool(e(self.params) if callable(e) else e)
+
+    @property
     def depth(self) -> float:
         """The fraction of layers the stage applies to (filters with a ``depth`` option), else 1."""
         return float(getattr(self.params, "depth", 1.0))

@@ -39,6 +39,12 @@ parameter's per-model statistics, read lazily, as ``ctx.calibration`` (a
 :class:`pactmerge.stats.ParamStats`; ``ctx.calibration.covariance()`` is None for a parameter
 that has none, e.g. a bias or an embedding).
 
+``elementwise`` (a bool, or a predicate of the validated params) declares that every output entry
+depends only on the same entry of the inputs (given the ``prepare`` statistics): ``fn`` applied to
+a contiguous slice of the flattened tensors gives that slice of its result, bit for bit. When
+every stage of a merge is elementwise the engine runs each parameter in cache-sized chunks
+(:func:`pactmerge.engine.merged_weight_chunked`), which only such a stage may receive.
+
 ``lowrank=True`` declares that ``fn`` (and ``prepare``) accept task vectors given as
 :class:`pactmerge.lowrank.LowRankDelta` (LoRA adapters) mixed with dense tensors, and may return
 them; for every other method/filter the engine densifies them first, one parameter at a time.
@@ -108,6 +114,7 @@ class ParamContext:
     model_params: list[dict[str, Any]]
     stats: dict[str, Any] = field(default_factory=dict)  # from the `prepare` passes, keyed by method/filter name
     calibration: Any = None  # pactmerge.stats.ParamStats of this parameter, for stages that declare `needs`
+    cache: Any = None  # a pactmerge.linalg.cache.SubspaceCache for base-model subspaces, or None
 
     @property
     def name(self) -> str:
@@ -148,6 +155,7 @@ class Spec:
     bypass: BypassFn | None = None  # reported by --dry-run; the filter itself must follow the same rule
     task_specific: bool = False  # methods only: may return a pactmerge.modulators.TaskSpecific (per-task outputs)
     needs: tuple[str, ...] = ()  # calibration statistics the stage reads (pactmerge.stats.KINDS)
+    elementwise: bool | Callable[[Any], bool] = False  # entry-by-entry (see the module doc): may run on chunks
 
     def model_params_for(self, params: Any) -> type[BaseModel] | None:
         """The per-model options model for this stage configured with ``params``."""
@@ -188,6 +196,7 @@ def register_method(
     paper: str = "",
     task_specific: bool = False,
     needs: tuple[str, ...] = (),
+    elementwise: bool | Callable[[Any], bool] = False,
 ):
     return _register(
         METHODS,
@@ -202,6 +211,7 @@ def register_method(
         paper=paper,
         task_specific=task_specific,
         needs=tuple(needs),
+        elementwise=elementwise,
     )
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from pactmerge.analysis.metrics import ParamMetrics, param_metrics
 from pactmerge.config import MergeConfig
-from pactmerge.engine import MergeInputs, apply_filters, read_deltas
+from pactmerge.engine import MergeInputs, apply_filters, read_deltas, release_parameter
 from pactmerge.errors import PactMergeError
 from pactmerge.filters.pact import PactParams, PactSubspaces, pact_subspaces
 from pactmerge.filters.pact_scope import pact_narrow_reason
@@ -109,6 +109,7 @@ def iter_subspaces(
         deltas = apply_filters(setup.pre_filters, base, deltas, ctx)
         yield info, base, deltas, pact_subspaces(base, deltas, p, ctx)
         del base, deltas
+        release_parameter(inputs, info.name)
 
 
 def iter_param_metrics(

@@ -36,7 +36,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from pactmerge.errors import PactMergeError
-from pactmerge.linalg import top_right_singular_vectors
+from pactmerge.linalg import thin_svd, top_right_singular_vectors
 from pactmerge.registry import ParamContext, ParamInfo, Params, register_filter
 
 
@@ -88,7 +88,7 @@ def csp(base: Tensor, merged: list[Tensor], ctx: ParamContext, p: CspParams) -> 
     """CSP (post-merge): project the merged update off the top-r singular block of theta_0."""
     if not ctx.info.is_matrix:
         return merged
-    u, s, vh = torch.linalg.svd(base, full_matrices=False)
+    u, s, vh = thin_svd(base)
     r = csp_rank(s, p)
     if r == 0:
         return merged

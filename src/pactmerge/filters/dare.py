@@ -16,8 +16,10 @@ Per model: a model's ``parameters: {p: p_t}`` replaces ``p`` for its task vector
 per-model ``density`` of ``dare_*`` is ``1 - p_t``).
 
 The draws come from ``ctx.generator(salt=t)`` on the CPU (then moved to the tensor's device):
-the same mask for a given config seed, parameter name and task index, whatever the device or the
-order parameters are processed in. Applies to every merged parameter (matrices and vectors). Put
+the same mask for a given config seed, parameter name, task index and compute dtype, whatever the
+device or the order parameters are processed in. The uniform draws are made in the compute dtype
+(float32 by default; up to pactmerge 0.1.0 always float64, so float32 merges draw different,
+equally distributed masks than that version did). Applies to every merged parameter (matrices and vectors). Put
 it in front of any method: ``filters: [dare]`` + ``task_arithmetic`` is DARE-TA (mergekit's
 ``dare_linear``), + ``ties`` is DARE-TIES.
 """
@@ -46,9 +48,15 @@ class DareModelParams(Params):
     p: float | None = Field(None, ge=0.0, lt=1.0, strict=True, description="this task's drop probability")
 
 
-def dare_mask(shape: torch.Size, p: float, gen: torch.Generator) -> Tensor:
-    """Boolean keep-mask, each entry True with probability 1 - p (uniform draws on the CPU)."""
-    return torch.rand(shape, generator=gen, dtype=torch.float64) >= p
+def dare_keep(shape: torch.Size, p: float, gen: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Keep-mask as 1.0 / 0.0 in ``dtype``, each entry 1 with probability 1 - p (uniform draws in
+    ``dtype`` on the CPU; the mask is built in the draws' own buffer)."""
+    return torch.rand(shape, generator=gen, dtype=dtype).ge_(p)
+
+
+def dare_mask(shape: torch.Size, p: float, gen: torch.Generator, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Boolean keep-mask, each entry True with probability 1 - p (the draws of :func:`dare_keep`)."""
+    return torch.rand(shape, generator=gen, dtype=dtype) >= p
 
 
 @register_filter(
@@ -66,13 +74,15 @@ def dare(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: DareParams) -
         if p_t == 0.0:
             out.append(d)
             continue
-        keep = dare_mask(d.shape, p_t, ctx.generator(salt=t)).to(d.device)
-        kept = torch.where(keep, d, torch.zeros((), dtype=d.dtype, device=d.device))
+        # The kept values are written into the mask's own buffer: one temporary per task vector.
+        kept = dare_keep(d.shape, p_t, ctx.generator(salt=t), d.dtype).to(d.device).mul_(d)
         if p.rescale == "keep_prob":
-            kept = kept / (1.0 - p_t)
+            kept.div_(1.0 - p_t)
         elif p.rescale == "l1":
+            # abs().sum(), not vector_norm(x, 1): torch's float32 vector_norm sums naively (measured
+            # 1% off on 11.5 M entries); sum() is pairwise.
             before, after = d.abs().sum(), kept.abs().sum()
             if before >= 1e-7 and after >= 1e-7:
-                kept = kept * (before / after)
+                kept.mul_(before / after)
         out.append(kept)
     return out

@@ -57,6 +57,7 @@ from torch import Tensor
 from pactmerge.errors import PactMergeError
 from pactmerge.filters.pact_scope import pact_bypass, pact_narrow_reason
 from pactmerge.linalg import null_rtol, orth, orth_qr, storage_noise_level, top_right_singular_vectors
+from pactmerge.linalg.spectral import batches_on, stacked_top_right
 from pactmerge.lowrank import Delta, LowRankDelta, top_right_lowrank
 from pactmerge.registry import ParamContext, ParamInfo, Params, register_filter
 
@@ -153,6 +154,38 @@ def _top(a: Tensor | LowRankDelta, r: int, atol: float, p: PactParams, ctx: Para
     )
 
 
+# -- speed (pactmerge.linalg.spectral / .cache): same results, computed faster ------------------
+
+
+def _core(base: Tensor, K: int, atol: float, p: PactParams, ctx: ParamContext | None) -> Tensor:
+    """V_{0,K}, from the merge's on-disk cache when it has one (a base is merged many times)."""
+    cache = getattr(ctx, "cache", None)
+
+    def compute() -> Tensor:  # contiguous, like a cached value: the same bytes downstream either way
+        return _top(base, K, atol, p, ctx, salt=0).contiguous()
+
+    if cache is None or K == 0:
+        return compute()
+    # atol (the storage round-off level, from null_ulps and the dtypes) decides how many columns come back.
+    options: dict = {"what": "pact.core", "K": K, "svd": p.svd, "atol": repr(float(atol))}
+    if p.svd == "randomized":
+        options.update(oversample=p.oversample, power_iters=p.power_iters, seed=ctx.seed if ctx else None)
+    return cache.get_or_compute(base, compute, **options)
+
+
+def _active(deltas: list[Delta], k: int, atols: list[float], p: PactParams, ctx: ParamContext | None) -> list[Tensor]:
+    """V_{t,k} of every task; dense task vectors on a batching device (a GPU) as one stacked call."""
+    if all(isinstance(d, Tensor) for d in deltas) and batches_on(deltas[0].device):
+        gens = [
+            ctx.generator(t + 1) if (ctx is not None and p.svd == "randomized") else None for t in range(len(deltas))
+        ]
+        dense = [d for d in deltas if isinstance(d, Tensor)]
+        return stacked_top_right(
+            dense, k, method=p.svd, oversample=p.oversample, power_iters=p.power_iters, generators=gens, atols=atols
+        )
+    return [_top(d, k, a, p, ctx, salt=t + 1) for t, (d, a) in enumerate(zip(deltas, atols))]
+
+
 def pact_subspaces(base: Tensor, deltas: list[Delta], p: PactParams, ctx: ParamContext | None = None) -> PactSubspaces:
     """Compute V_{0,K}, V_{t,k}, V_{t,LBW} and the protection bases P_t of every task.
 
@@ -171,9 +204,9 @@ def pact_subspaces(base: Tensor, deltas: list[Delta], p: PactParams, ctx: ParamC
     def atol(task: int | None) -> float:
         return p.null_ulps * storage_eps(info, base.dtype, task) * level
 
-    core = _top(base, K, atol(None), p, ctx, salt=0)
+    core = _core(base, K, atol(None), p, ctx)
     # At least one direction, so that a zero task vector is recognised even when k = 0.
-    tops = [_top(d, max(k, 1), atol(t), p, ctx, salt=t + 1) for t, d in enumerate(deltas)]
+    tops = _active(deltas, max(k, 1), [atol(t) for t in range(len(deltas))], p, ctx)
     active = [v[:, :k] for v in tops]
     # Eqs. 5 and 8 on n x (T-1)K matrices, cheap next to the SVDs above: in float64, so that a
     # nearly dependent wall direction (singular value g in the stacked bases) costs eps64 / g, not
@@ -225,7 +258,7 @@ def _project_out(d: Tensor | LowRankDelta, P: Tensor) -> Tensor | LowRankDelta:
     if isinstance(d, LowRankDelta):
         out: Tensor | LowRankDelta = LowRankDelta(d.B, d.A - (d.A @ P) @ P.mT)
     else:
-        out = d - (d @ P) @ P.mT
+        out = torch.addmm(d, d @ P, P.mT, alpha=-1.0)  # d - (d P) P^T in one product, no m x n temporary
     if P.shape[1] > 0 and _frobenius(out) <= null_rtol(P.dtype) * _frobenius(d):
         return _zeros_like(d)
     return out

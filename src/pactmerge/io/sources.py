@@ -69,8 +69,14 @@ class Source:
         return self._meta[name][1]
 
     def get(self, name: str) -> Tensor:
-        """Read one tensor into memory (a private copy, safe to modify)."""
+        """One tensor, read without a defensive copy: it may share memory with the input (an
+        in-memory state dict, a memory-mapped file), so callers must treat it as read-only.
+        Write into :meth:`torch.Tensor.clone` of it, or into the result of a conversion."""
         raise NotImplementedError
+
+    def release(self, name: str) -> None:
+        """A hint that ``name`` is no longer needed: memory-mapped sources drop its pages from
+        the resident set (they stay in the page cache; a later read maps them again)."""
 
     def file_of(self, name: str) -> str:
         """The file holding ``name`` (for error messages)."""
@@ -96,7 +102,7 @@ class DictSource(Source):
             self._meta[name] = (tuple(t.shape), t.dtype)
 
     def get(self, name: str) -> Tensor:
-        return self._state[name].detach().to("cpu").clone()
+        return self._state[name].detach().to("cpu")  # the caller's tensor itself: read-only
 
 
 def _refuse_constant(name: str):
@@ -208,7 +214,8 @@ class SafetensorsFile(Source):
             self._offsets[name] = (begin, end)
         # Keep the checkpoint's own order of parameters (by file offset), as written.
         self._meta = dict(sorted(self._meta.items(), key=lambda kv: self._offsets[kv[0]][0]))
-        self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
+        # Copy-on-write: get() hands out views of this mapping; a stray write stays private.
+        self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
 
     def _read_header(self, path: Path) -> tuple[int, int, dict]:
         size = os.fstat(self._file.fileno()).st_size
@@ -222,25 +229,34 @@ class SafetensorsFile(Source):
         return size, header_len, parse_safetensors_header(self._file.read(header_len), size - 8 - header_len, str(path))
 
     def get(self, name: str) -> Tensor:
+        """A zero-copy view of the tensor's bytes in the mapping (copy-on-write: writing to it
+        never reaches the file). Unaligned data (a writer that did not pad) is copied."""
         shape, dtype = self._meta[name]
         begin, end = self._offsets[name]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        assert self._mm is not None  # a non-empty range implies a non-empty, mapped file
         start = self._data_start + begin
-        stop = self._data_start + end
-        buf = torch.empty(end - begin, dtype=torch.uint8)
-        if end > begin:
-            assert self._mm is not None  # a non-empty range implies a non-empty, mapped file
-            buf.numpy()[:] = memoryview(self._mm)[start:stop]
-            # Drop the mapped pages from this process's resident set (they stay in the page
-            # cache): otherwise RSS would grow to the whole checkpoint over a merge.
-            aligned = start - start % _PAGE
-            with contextlib.suppress(AttributeError, OSError, ValueError):
-                self._mm.madvise(mmap.MADV_DONTNEED, aligned, stop - aligned)
-        return buf.view(dtype).reshape(shape)
+        raw = torch.frombuffer(self._mm, dtype=torch.uint8, count=end - begin, offset=start)
+        if start % raw.new_empty((), dtype=dtype).element_size():
+            raw = raw.clone()
+        return raw.view(dtype).reshape(shape)
+
+    def release(self, name: str) -> None:
+        # Drop the mapped pages from this process's resident set (they stay in the page cache):
+        # otherwise RSS would grow to the whole checkpoint over a merge.
+        begin, end = self._offsets[name]
+        if self._mm is None or end == begin:
+            return
+        start = self._data_start + begin
+        aligned = start - start % _PAGE
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            self._mm.madvise(mmap.MADV_DONTNEED, aligned, self._data_start + end - aligned)
 
     def close(self) -> None:
-        if self._mm is not None:
-            self._mm.close()
-            self._mm = None
+        # Tensors from get() keep the mapping alive (they hold a reference to it): dropping ours
+        # unmaps it once the last of them is gone, never under a tensor still in use.
+        self._mm = None
         self._file.close()
 
 
@@ -273,7 +289,7 @@ class TorchFile(Source):
             self._meta[name] = (tuple(t.shape), t.dtype)
 
     def get(self, name: str) -> Tensor:
-        return self._state[name].clone()
+        return self._state[name]  # memory-mapped (copy-on-write) or loaded: read-only
 
 
 class MultiFileSource(Source):
@@ -297,6 +313,9 @@ class MultiFileSource(Source):
 
     def file_of(self, name: str) -> str:
         return self._where[name].label
+
+    def release(self, name: str) -> None:
+        self._where[name].release(name)
 
     def close(self) -> None:
         for p in self._parts:

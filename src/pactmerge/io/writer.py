@@ -78,18 +78,21 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
 
 
-class ShardedWriter:
-    """Stream tensors, in ``layout`` order, into safetensors shards of at most ``max_shard_bytes``.
+class ShardPlan:
+    """Where every tensor of ``layout`` goes: its shard file and its byte range there.
+
+    Fixed before any tensor is computed, so writers in different processes or machines (the
+    Ray backend) can each fill their own tensors into the same files: :meth:`create` writes every
+    shard's header and sizes the file, :meth:`write` puts one tensor at its offset, :meth:`finish`
+    writes the index. The bytes are the same as :class:`ShardedWriter`'s, in any order of writes.
 
     Args:
-        folder: where the shards (and the index) go.
-        layout: ``[(name, shape, dtype), ...]`` of every tensor, in the order they will be added.
+        layout: ``[(name, shape, dtype), ...]`` of every tensor, in output order.
         max_shard_bytes: a shard is closed before a tensor that would make it larger (a single
             larger tensor gets a shard of its own).
     """
 
-    def __init__(self, folder: Path, layout: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int):
-        self.folder = Path(folder)
+    def __init__(self, layout: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int):
         groups: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
         size = 0
         for entry in layout:
@@ -103,31 +106,99 @@ class ShardedWriter:
         self.files = (
             ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
         )
-        self._groups = groups
-        self._order = [(g, entry) for g, group in enumerate(groups) for entry in group]
+        self.groups = groups
+        self.order = [(g, entry) for g, group in enumerate(groups) for entry in group]
+        self.total_bytes = sum(_nbytes(s, d) for _, s, d in layout)
+        self.headers: list[bytes] = []
+        self.where: dict[str, tuple[int, int, int]] = {}  # name -> (shard, absolute offset, nbytes)
+        for g, group in enumerate(groups):
+            header: dict = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            for name, shape, dtype in group:
+                nbytes = _nbytes(shape, dtype)
+                header[name] = {
+                    "dtype": _DTYPE_NAMES[dtype],
+                    "shape": list(shape),
+                    "data_offsets": [offset, offset + nbytes],
+                }
+                offset += nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
+            head = struct.pack("<Q", len(raw)) + raw
+            self.headers.append(head)
+            for name, _, _ in group:
+                begin, end = header[name]["data_offsets"]
+                self.where[name] = (g, len(head) + begin, end - begin)
+        self._entries = {name: (tuple(shape), dtype) for _, (name, shape, dtype) in self.order}
+
+    def shard_size(self, g: int) -> int:
+        return len(self.headers[g]) + sum(_nbytes(s, d) for _, s, d in self.groups[g])
+
+    def create(self, folder: Path) -> None:
+        """Write every shard's header and give the file its final size (the data still zero)."""
+        for g, name in enumerate(self.files):
+            with open(Path(folder) / name, "wb") as fh:
+                fh.write(self.headers[g])
+                fh.truncate(self.shard_size(g))
+
+    def check(self, name: str, tensor: Tensor) -> None:
+        if name not in self._entries:
+            raise RuntimeError(f"writer: unexpected tensor {name!r} (not in the planned layout)")
+        shape, dtype = self._entries[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise RuntimeError(
+                f"writer: got {name!r} {list(tensor.shape)} {tensor.dtype}, planned {name!r} {list(shape)} {dtype}"
+            )
+
+    def write(self, folder: Path, name: str, tensor: Tensor) -> None:
+        """Write one tensor into its place in a shard :meth:`create` made (any order, any process)."""
+        self.check(name, tensor)
+        g, offset, _ = self.where[name]
+        if tensor.numel():
+            with open(Path(folder) / self.files[g], "r+b") as fh:
+                fh.seek(offset)
+                fh.write(_bytes_of(tensor))
+
+    def finish(self, folder: Path) -> list[str]:
+        """Write the index (several shards); returns the shard file names."""
+        if len(self.files) > 1:
+            weight_map = {name: self.files[g] for g, (name, _, _) in self.order}
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (Path(folder) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return list(self.files)
+
+
+def _bytes_of(tensor: Tensor):
+    # Flatten before the byte view: a 0-D tensor (CLIP's logit_scale) has no last dim to view.
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
+
+
+class ShardedWriter:
+    """Stream tensors, in ``layout`` order, into safetensors shards of at most ``max_shard_bytes``.
+
+    Args:
+        folder: where the shards (and the index) go.
+        layout: ``[(name, shape, dtype), ...]`` of every tensor, in the order they will be added.
+        max_shard_bytes: a shard is closed before a tensor that would make it larger (a single
+            larger tensor gets a shard of its own). See :class:`ShardPlan`.
+    """
+
+    def __init__(self, folder: Path, layout: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int):
+        self.folder = Path(folder)
+        self.plan = ShardPlan(layout, max_shard_bytes)
+        self.files = self.plan.files
+        self.total_bytes = self.plan.total_bytes
+        self._order = self.plan.order
         self._next = 0
         self._open_group = -1
         self._fh: BinaryIO | None = None
-        self.total_bytes = sum(_nbytes(s, d) for _, s, d in layout)
 
     def _start_shard(self, g: int) -> None:
         if self._fh is not None:
             self._fh.close()
-        header: dict = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name, shape, dtype in self._groups[g]:
-            nbytes = _nbytes(shape, dtype)
-            header[name] = {
-                "dtype": _DTYPE_NAMES[dtype],
-                "shape": list(shape),
-                "data_offsets": [offset, offset + nbytes],
-            }
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
         self._fh = open(self.folder / self.files[g], "wb")  # noqa: SIM115 -- one shard stays open across add() calls
         self._open_group = g
-        self._write(struct.pack("<Q", len(raw)) + raw)
+        self._write(self.plan.headers[g])
 
     def _write(self, data) -> None:
         assert self._fh is not None  # _start_shard opened it
@@ -147,8 +218,7 @@ class ShardedWriter:
         if g != self._open_group:
             self._start_shard(g)
         if tensor.numel():
-            # Flatten before the byte view: a 0-D tensor (CLIP's logit_scale) has no last dim to view.
-            self._write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            self._write(_bytes_of(tensor))
         self._next += 1
 
     def abort(self) -> None:
@@ -166,11 +236,7 @@ class ShardedWriter:
         assert self._fh is not None
         self._fh.close()
         self._fh = None
-        if len(self.files) > 1:
-            weight_map = {name: self.files[g] for g, (name, _, _) in self._order}
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        return list(self.files)
+        return self.plan.finish(self.folder)
 
 
 def copy_non_weight_files(src: Path, dst: Path) -> list[str]:

@@ -12,6 +12,7 @@ from pactmerge.linalg.core import (
     storage_noise_level,
     top_right_singular_vectors,
 )
+from pactmerge.linalg.spectral import stacked_top_right, thin_svd, top_right_exact
 
 __all__ = [
     "default_rtol",
@@ -22,5 +23,8 @@ __all__ = [
     "polar_factor",
     "randomized_svd",
     "storage_noise_level",
+    "stacked_top_right",
+    "thin_svd",
+    "top_right_exact",
     "top_right_singular_vectors",
 ]

@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pactmerge.linalg.spectral import thin_svd, top_right_exact_values
+
 
 def default_rtol(shape: tuple[int, ...], dtype: torch.dtype) -> float:
     """Relative tolerance below which a singular value counts as zero.
@@ -111,7 +113,7 @@ def orth(a: Tensor, rtol: float | None = None, atol: float = 0.0) -> Tensor:
     n, c = a.shape
     if c == 0:
         return a.new_zeros((n, 0))
-    u, s, _ = torch.linalg.svd(a, full_matrices=False)
+    u, s, _ = thin_svd(a)
     if rtol is None:
         rtol = default_rtol(tuple(a.shape), a.dtype)
     if s.numel() == 0 or s[0] <= atol:
@@ -152,7 +154,7 @@ def polar_factor(a: Tensor, rank_rtol: float | None = None, literal: bool = Fals
     Returns:
         ``(m, n)`` matrix, a partial isometry on the range of ``a``.
     """
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    u, s, vh = thin_svd(a)
     if not literal:
         if rank_rtol is None:
             rank_rtol = null_rtol(a.dtype)
@@ -192,7 +194,7 @@ def randomized_svd(
         z, _ = torch.linalg.qr(a.mT @ q)
         q, _ = torch.linalg.qr(a @ z)
     b = q.mT @ a  # (width, n)
-    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
+    ub, s, vh = thin_svd(b)
     return (q @ ub)[:, :rank], s[:rank], vh[:rank]
 
 
@@ -224,14 +226,13 @@ def top_right_singular_vectors(
     if k == 0:
         return a.new_zeros((n, 0))
     if method == "exact":
-        # The right singular vectors of a are the eigenvectors of the smaller Gram side;
-        # a thin SVD is the stable way to get them.
-        _, s, vh = torch.linalg.svd(a, full_matrices=False)
-        s, vh = s[:k], vh[:k]
+        # the small side / Gram route where it pays (linalg/spectral.py)
+        s, v = top_right_exact_values(a, k)
     elif method == "randomized":
         _, s, vh = randomized_svd(a, k, oversample=oversample, power_iters=power_iters, generator=generator)
+        v = vh.mT
     else:
         raise ValueError(f"unknown SVD method {method!r} (expected 'exact' or 'randomized')")
     if atol is not None:
-        vh = vh[: int((s > atol).sum().item())]
-    return vh.mT
+        v = v[:, : int((s > atol).sum().item())]
+    return v

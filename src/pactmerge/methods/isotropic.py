@@ -36,7 +36,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from pactmerge.linalg import null_rtol, numerical_rank, polar_factor
+from pactmerge.linalg import null_rtol, numerical_rank, polar_factor, thin_svd
 from pactmerge.lowrank import Delta, LowRankDelta, all_lowrank, densify, factor_svd, scale_delta, stacked_svd
 from pactmerge.methods.task_arithmetic import weighted_sum
 from pactmerge.registry import ParamContext, Params, register_method
@@ -57,7 +57,7 @@ def isotropic_flatten(m: Tensor, rank_aware: bool = True, rank_rtol: float | Non
     With ``rank_aware`` the product runs over the numerical range of ``m`` only: singular values
     ``<= rank_rtol * S[0]`` (default :func:`~pactmerge.linalg.null_rtol`) count as zero.
     """
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    u, s, vh = thin_svd(m)
     sigma_bar = s.mean()
     if rank_aware:
         r = numerical_rank(s, tuple(m.shape), rank_rtol if rank_rtol is not None else null_rtol(m.dtype))
@@ -125,7 +125,7 @@ def iso_cts_merge(deltas: list[Tensor], f: float, rank_aware: bool = True, rank_
     m, n = deltas[0].shape
     r, T = min(m, n), len(deltas)
     k_c, s_per = iso_cts_split(r, T, f)
-    u, s, vh = torch.linalg.svd(weighted_sum(deltas, [1.0] * T), full_matrices=False)
+    u, s, vh = thin_svd(weighted_sum(deltas, [1.0] * T))
     # One null tolerance for the common part, the task-specific remainders and the polar factors:
     # after PACT and the common projection, what is left of a task vector can be pure round-off,
     # and Iso-CTS would give it the full sigma_bar.
@@ -141,7 +141,7 @@ def iso_cts_merge(deltas: list[Tensor], f: float, rank_aware: bool = True, rank_
         if s_per == 0:
             break
         d_bar = d - u_c @ (u_c.mT @ d)  # the common left subspace projected out
-        ut, st, vht = torch.linalg.svd(d_bar, full_matrices=False)
+        ut, st, vht = thin_svd(d_bar)
         sigma_sum = sigma_sum + st[:s_per].sum()
         keep = int((st[:s_per] > rtol * scale).sum()) if rank_aware else s_per
         us.append(ut[:, :keep])

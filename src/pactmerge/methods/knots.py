@@ -56,7 +56,7 @@ from pydantic import Field
 from torch import Tensor
 
 from pactmerge.filters.dare import dare_mask
-from pactmerge.linalg import numerical_rank
+from pactmerge.linalg import numerical_rank, thin_svd
 from pactmerge.lowrank import LowRankDelta, all_lowrank, densify
 from pactmerge.methods.isotropic import iso_cts_merge, isotropic_flatten, mean_of
 from pactmerge.methods.task_arithmetic import weighted_sum
@@ -116,7 +116,7 @@ def knots_svd(deltas: list) -> tuple[Tensor, Tensor, list[Tensor]]:
         return q @ uc, s, vs
     dense = densify(deltas)
     n = dense[0].shape[1]
-    u, s, vh = torch.linalg.svd(torch.cat(dense, dim=1), full_matrices=False)
+    u, s, vh = thin_svd(torch.cat(dense, dim=1))
     return u, s, [vh[:, t * n : (t + 1) * n] for t in range(len(dense))]
 
 

@@ -24,6 +24,7 @@ def weighted_sum(deltas: list[Tensor], weights: list[float]) -> Tensor:
     params=NoParams,
     lowrank=True,
     uses_weight=True,
+    elementwise=True,
     paper="Editing models with task arithmetic (arXiv:2212.04089)",
 )
 def task_arithmetic(base: Tensor, deltas: list[Delta], ctx: ParamContext, p: NoParams) -> Delta:

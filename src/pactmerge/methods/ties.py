@@ -103,33 +103,81 @@ def trim_count(n: int, p: TiesParams, density: float | None = None) -> int:
     return min(k, n)
 
 
-def kth_largest_magnitude(d: Tensor, k: int) -> float:
-    """The k-th largest ``|d|`` over all entries (``+inf`` for k = 0: nothing is kept)."""
+def kth_largest_magnitude(d: Tensor, k: int, magnitudes: Tensor | None = None) -> float:
+    """The k-th largest ``|d|`` over all entries (``+inf`` for k = 0: nothing is kept; ``0`` for
+    k >= numel: everything is, no selection needed). ``magnitudes``: ``|d|`` if already computed."""
     if k <= 0:
         return float("inf")
-    a = d.detach().abs().reshape(-1)
+    if k >= d.numel():
+        return 0.0
+    a = (d.detach().abs() if magnitudes is None else magnitudes).reshape(-1)
+    if a.numel() >= 1 << 16 and a.dtype in (torch.float32, torch.float64):
+        return _kth_largest_by_bits(a, k)
     return float(torch.kthvalue(a, a.numel() - k + 1).values)
 
 
-def ties_merge(deltas: list[Tensor], weights: list[float], thresholds: list[float], aggregate: str) -> Tensor:
-    """Trim (keep ``|Delta_t| >= thresholds[t]``), elect the sign of sum_t w_t D_t, disjoint merge."""
-    trimmed = [
-        torch.where(d.abs() >= tau, d, torch.zeros((), dtype=d.dtype, device=d.device))
-        for d, tau in zip(deltas, thresholds)
-    ]
+def _kth_largest_by_bits(a: Tensor, k: int) -> float:
+    """The exact k-th largest of non-negative floats ``a`` (1-D), one radix step then a small
+    selection: the top 16 bits of the IEEE-754 pattern (monotone in the value for non-negative
+    floats) are histogrammed, and only the bin holding the k-th largest goes to ``kthvalue``.
+    About 3.5x faster than ``kthvalue`` on all of ``a`` (11.5 M float32 values, one thread)."""
+    shift = 48 if a.dtype == torch.float64 else 16
+    top = a.view(torch.int64 if a.dtype == torch.float64 else torch.int32) >> shift
+    hist = torch.bincount(top, minlength=1 << 16)
+    above = hist.flip(0).cumsum(0).flip(0)  # above[b] = how many values have top bits >= b
+    b = int((above >= k).nonzero().max())
+    rank = k - (int(above[b]) - int(hist[b]))  # rank of the answer among the values in bin b
+    candidates = a[top == b]
+    return float(torch.kthvalue(candidates, candidates.numel() - rank + 1).values)
+
+
+def ties_merge(
+    deltas: list[Tensor],
+    weights: list[float],
+    thresholds: list[float] | None,
+    aggregate: str,
+    counts: list[int] | None = None,
+) -> Tensor:
+    """Trim (keep ``|Delta_t| >= thresholds[t]``), elect the sign of sum_t w_t D_t, disjoint merge.
+
+    ``thresholds=None`` with ``counts``: each task's threshold is its ``counts[t]``-th largest
+    magnitude (per-tensor scope), found on the same ``|Delta_t|`` the trim uses. Does not modify
+    ``deltas``. Work: one ``|Delta_t|`` buffer per task (the trimmed values are written into it)
+    and three more of the parameter's size; a threshold <= 0 keeps the task vector as it is.
+    """
+    if thresholds is None and counts is None:
+        raise ValueError("ties_merge: give thresholds or counts")
+    trimmed = []
+    for t, d in enumerate(deltas):
+        if (thresholds[t] <= 0) if thresholds is not None else (counts is not None and counts[t] >= d.numel()):
+            trimmed.append(d)  # keep every entry: nothing to select or zero
+            continue
+        mag = d.abs()
+        tau = thresholds[t] if thresholds is not None else kth_largest_magnitude(d, counts[t] if counts else 0, mag)
+        # mag <- [|d| >= tau] * d in place: |d| is computed once per task, no other buffer. (A
+        # dropped negative entry becomes -0.0, which adds and elects exactly like +0.0.)
+        trimmed.append(mag.ge_(tau).mul_(d) if tau > 0 else d)
     elected = torch.zeros_like(trimmed[0])
     for d, w in zip(trimmed, weights):
         elected.add_(d, alpha=w)
-    elected = torch.sign(elected)
+    elected.sign_()
     num = torch.zeros_like(elected)
     den = torch.zeros_like(elected)
+    agree = torch.empty_like(elected)
     for d, w in zip(trimmed, weights):
-        agree = ((torch.sign(d) == elected) & (d != 0)).to(d.dtype)
-        num.add_(d * agree, alpha=w)
+        # D_t agrees with the elected sign exactly where D_t * gamma > 0 (gamma in {-1, 0, 1}).
+        torch.mul(d, elected, out=agree)
+        agree.gt_(0)
         den.add_(agree, alpha=w)
+        num.add_(agree.mul_(d), alpha=w)
     if aggregate == "sum":
         return num
-    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))
+    if all(w > 0 for w in weights):
+        # den is 0 exactly where no task agrees, and num is 0 there too: 0 / tiny = 0; elsewhere
+        # den >= min(w) > tiny, unchanged. The same values as the masked division, in place.
+        return num.div_(den.clamp_min_(torch.finfo(den.dtype).tiny))
+    none_agree = den == 0
+    return num.div_(den.masked_fill_(none_agree, 1.0)).masked_fill_(none_agree, 0.0)
 
 
 # -- model scope: exact k-th largest magnitude per task by radix selection over the stream ------
@@ -165,16 +213,22 @@ class _Select:
 
     def observe(self, a: Tensor) -> None:
         """One parameter's magnitudes (any shape) during a pass."""
-        bits, width = _as_bits(a.reshape(-1))
+        bits, width = _as_bits(a.reshape(-1))  # int32 for float32: no widening pass (values < 2**31)
         self.width = width
-        bits = bits.to(torch.int64)
-        if self.resolved:
-            bits = bits[(bits >> (width - self.resolved)) == self.prefix]
         if self.collect:
-            self.values.append(bits.cpu())
+            bits = bits[(bits >> (width - self.resolved)) == self.prefix]
+            self.values.append(bits.to(torch.int64).cpu())
             return
-        digit = (bits >> (width - self.resolved - _DIGIT)) & ((1 << _DIGIT) - 1)  # widths are multiples of 16
-        h = torch.bincount(digit, minlength=1 << _DIGIT).cpu()
+        digit = bits >> (width - self.resolved - _DIGIT)  # widths are multiples of 16
+        if self.resolved:
+            # The next digit of the values inside the prefix bin, without selecting them: offsets
+            # from the bin's first key, clamped so every value outside lands in one of two
+            # extra bins (0: below, 2**16 + 1: above) that are then dropped.
+            digit = digit - (self.prefix << _DIGIT)
+            digit.clamp_(-1, 1 << _DIGIT).add_(1)
+            h = torch.bincount(digit, minlength=(1 << _DIGIT) + 2)[1:-1].cpu()
+        else:
+            h = torch.bincount(digit, minlength=1 << _DIGIT).cpu()
         self.hist = h if self.hist is None else self.hist + h
 
     def finish_pass(self) -> None:
@@ -253,17 +307,28 @@ class MappedStream:
 
 
 def ties_prepare(stream, p: TiesParams) -> dict:
+    # Model scope: the thresholds come from a model-wide pass. (No shortcut at density 1: a model's
+    # own `density` may still ask for a trim, and only the stream's contexts carry it.)
     if p.scope != "model":
         return {}
     return {"thresholds": model_thresholds(stream, lambda ctx, t, n: trim_count(n, p, task_densities(ctx, p)[t]))}
 
 
 def thresholds_for(deltas: list[Tensor], ctx: ParamContext, p: TiesParams, stats: dict | None) -> list[float]:
+    densities = task_densities(ctx, p)
+    if all(d >= 1.0 for d in densities):  # density 1 keeps everything: no threshold to find
+        return [0.0] * len(deltas)
     if p.scope == "model":
         if stats is None:
             raise RuntimeError("ties: scope 'model' needs the thresholds of its prepare pass")
         return stats["thresholds"]
-    return [kth_largest_magnitude(d, trim_count(d.numel(), p, t)) for d, t in zip(deltas, task_densities(ctx, p))]
+    return [kth_largest_magnitude(d, trim_count(d.numel(), p, t)) for d, t in zip(deltas, densities)]
+
+
+def _elementwise(p: TiesParams) -> bool:
+    # With the thresholds fixed model-wide, every entry is merged on its own. (Tensor scope at
+    # density 1 would be too, but a model's own `density` may still ask for a per-tensor trim.)
+    return p.scope == "model"
 
 
 @register_method(
@@ -272,8 +337,13 @@ def thresholds_for(deltas: list[Tensor], ctx: ParamContext, p: TiesParams, stats
     prepare=ties_prepare,
     model_params=TiesModelParams,
     uses_weight=True,
+    elementwise=_elementwise,
     paper="TIES-Merging: Resolving interference when merging models (arXiv:2306.01708)",
 )
 def ties(base: Tensor, deltas: list[Tensor], ctx: ParamContext, p: TiesParams) -> Tensor:
     """TIES: trim each Delta_t to its top-density magnitudes, elect signs, disjoint mean (or sum)."""
+    densities = task_densities(ctx, p)
+    if p.scope == "tensor" and any(d < 1.0 for d in densities):  # thresholds found on the |Delta_t| the trim reuses
+        counts = [trim_count(d.numel(), p, density) for d, density in zip(deltas, densities)]
+        return ties_merge(deltas, ctx.weights, None, p.aggregate, counts)
     return ties_merge(deltas, ctx.weights, thresholds_for(deltas, ctx, p, ctx.stats.get("ties")), p.aggregate)

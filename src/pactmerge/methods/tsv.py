@@ -49,7 +49,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from pactmerge.linalg import null_rtol, polar_factor, randomized_svd
+from pactmerge.linalg import null_rtol, polar_factor, randomized_svd, thin_svd
 from pactmerge.lowrank import Delta, LowRankDelta, all_lowrank, densify, factor_svd, scale_delta
 from pactmerge.methods.isotropic import mean_of
 from pactmerge.registry import ParamContext, Params, register_method
@@ -101,7 +101,7 @@ def tsv_merge(
             gen = generators[t] if generators is not None else None
             svds.append(randomized_svd(d, k, oversample=oversample, power_iters=power_iters, generator=gen))
         else:
-            svds.append(torch.linalg.svd(d, full_matrices=False))
+            svds.append(thin_svd(d))
     # Null test against the largest singular value of all tasks, not each task's own: a task that
     # PACT has (almost) annihilated is round-off relative to itself, and its arbitrary directions
     # would enter the polar factors (which then rotate the other tasks' directions into them).

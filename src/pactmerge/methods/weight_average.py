@@ -23,6 +23,7 @@ from pactmerge.registry import NoParams, ParamContext, register_method
     params=NoParams,
     lowrank=True,
     uses_weight=True,
+    elementwise=True,
     paper="Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing"
     " inference time (arXiv:2203.05482)",
 )
