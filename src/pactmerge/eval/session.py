@@ -35,6 +35,7 @@ from pactmerge.eval.kinds import prepare
 from pactmerge.eval.kinds.common import EvalSpec, ModelEvaluator, hf_folder
 from pactmerge.eval.report import alpha_chart, evaluation_markdown, jsonable, score_format
 from pactmerge.lowrank import Delta, LowRankDelta
+from pactmerge.stats import ModelData
 
 
 def alpha_search(search: SearchConfig) -> AlphaSearch:
@@ -95,6 +96,13 @@ class MergeEvaluation:
         self.merge_config = cfg.model_copy(update={"exclude": [*cfg.exclude, *auto]})
         self.merged: dict[str, Delta] = {}
         self.result: dict[str, Any] = {}
+
+    def calibration_data(self) -> list[ModelData] | None:
+        """Each model's calibration data from its task's training split, when a stage of the merge needs
+        statistics (PAVE, RegMean, Fisher); None otherwise (:mod:`pactmerge.eval.task_calibration`)."""
+        from pactmerge.eval.task_calibration import task_calibration_data
+
+        return task_calibration_data(self.merge_config, self.prepared, self.evaluator)
 
     # -- the merge and the search ----------------------------------------------------------------------
 
