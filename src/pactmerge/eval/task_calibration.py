@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from pactmerge.config import MergeConfig
 from pactmerge.errors import PactMergeError
 from pactmerge.eval.kinds.common import ModelEvaluator, Prepared, hf_folder, load_hf
+from pactmerge.io.lora import is_adapter
 from pactmerge.stats import CalibrationSettings, ModelData, needed_kinds
 from pactmerge.stats.data import Batch, default_forward, default_loss
 
@@ -91,7 +92,7 @@ def task_calibration_data(cfg: MergeConfig, prepared: Prepared, evaluator: Model
             )
         n = _train_size(cfg, prepared, task, users, settings)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).tolist()[: settings.samples]
-        if isinstance(entry.model, (str, Path)) and (Path(entry.model) / "adapter_config.json").is_file():
+        if is_adapter(entry.model):
             raise PactMergeError(
                 f"models.{i}: {entry.model} is a PEFT adapter; the calibration pass of {users} runs the fine-tuned"
                 " model itself: give a merged model folder, or calibration_data= in Python"
