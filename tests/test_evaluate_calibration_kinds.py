@@ -277,7 +277,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def test_clip_regmean_reads_the_training_images_through_the_vision_tower(tmp_path):
+@pytest.mark.parametrize("method", ["regmean", "fisher"])
+def test_clip_calibration_reads_the_training_images_through_the_vision_tower(tmp_path, method):
     from PIL import Image
 
     from tiny_models import bert_tokenizer
@@ -286,7 +287,7 @@ def test_clip_regmean_reads_the_training_images_through_the_vision_tower(tmp_pat
     tok = bert_tokenizer(words)
     small = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
     cfg = transformers.CLIPConfig(
-        text_config={**small, "vocab_size": 5 + len(words), "max_position_embeddings": 16},
+        text_config={**small, "vocab_size": 5 + len(words), "max_position_embeddings": 16, "eos_token_id": 3},
         vision_config={**small, "image_size": 16, "patch_size": 8},
         projection_dim=8,
     )
@@ -315,7 +316,7 @@ def test_clip_regmean_reads_the_training_images_through_the_vision_tower(tmp_pat
     config = {
         "base_model": str(tmp_path / "base"),
         "models": [{"model": str(tmp_path / t), "task": t} for t in ("t1", "t2")],
-        "method": "regmean",
+        "method": method,
         "alpha": 1.0,
         "evaluation": {"kind": "clip-zero-shot", "tasks": {t: {"data": images[t]} for t in ("t1", "t2")}},
         "calibration": {**calib, "cache_dir": str(tmp_path / "cache_cli")},
@@ -323,36 +324,50 @@ def test_clip_regmean_reads_the_training_images_through_the_vision_tower(tmp_pat
     written = _merge_cli(_write(tmp_path / "merge.yaml", config), tmp_path / "out")
 
     # By hand: ImageFolder order (class folders sorted, files sorted), 16 x 16 images need no resize or crop.
+    # The zero-shot head: per class the base text tower's normalized embedding of "a photo of a {}.".
+    classes = sorted(COLORS)
+    with torch.no_grad():
+        enc = tok([f"a photo of a {c}." for c in classes], padding=True, return_tensors="pt")
+        text = base_model.text_projection(base_model.text_model(**enc).pooler_output)
+        head = F.normalize(text, dim=-1)
+
+    def image_features(model, batch):
+        return model.visual_projection(model.vision_model(pixel_values=batch["pixel_values"]).pooler_output)
+
+    def loss(model, batch):  # CLIP's zero-shot logits with the true label
+        feats = F.normalize(image_features(model, batch), dim=-1)
+        return F.cross_entropy(model.logit_scale.exp().detach() * feats @ head.T, batch["labels"])
+
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
     hand = []
     for t in ("t1", "t2"):
-        paths = [(p, c) for c in sorted(COLORS) for p in sorted((tmp_path / "img" / t / "train" / c).iterdir())]
+        paths = [(p, c) for c in classes for p in sorted((tmp_path / "img" / t / "train" / c).iterdir())]
         examples = []
         for i in _order(len(paths), 0, 6):
             pixels = torch.tensor(np.asarray(Image.open(paths[i][0]).convert("RGB")), dtype=torch.float32)
-            x = (pixels.view(16, 16, 3).permute(2, 0, 1) / 255.0 - mean) / std
-            examples.append({"pixel_values": x, "labels": torch.tensor(sorted(COLORS).index(paths[i][1]))})
+            x = (pixels.permute(2, 0, 1) / 255.0 - mean) / std
+            examples.append({"pixel_values": x, "labels": torch.tensor(classes.index(paths[i][1]))})
         folder = str(tmp_path / t)
         hand.append(
             ModelData(
-                examples,
-                lambda f=folder: transformers.CLIPModel.from_pretrained(f),
-                forward=lambda m, b: m.get_image_features(pixel_values=b["pixel_values"]),
+                examples, lambda f=folder: transformers.CLIPModel.from_pretrained(f), forward=image_features, loss=loss
             )
         )
     expected = pactmerge.merge(
         {
             "base_model": str(tmp_path / "base"),
             "models": [str(tmp_path / t) for t in ("t1", "t2")],
-            "method": "regmean",
+            "method": method,
             "exclude": [r"^(text_model|text_projection|logit_scale)"],  # the kind keeps the text side
             "calibration": {**calib, "cache_dir": str(tmp_path / "cache_py")},
         },
         calibration_data=hand,
     )
-    _assert_same(written, expected)
+    assert set(written) == set(expected)
+    for n, t in expected.items():  # an independent head and loss: equal up to float32 rounding
+        torch.testing.assert_close(written[n], t, rtol=1e-4, atol=1e-6)
     name = "vision_model.encoder.layers.0.mlp.fc1.weight"
     mean_merge = pactmerge.merge(
         base_model=str(tmp_path / "base"), models=[str(tmp_path / t) for t in ("t1", "t2")], method="weight_average"
     )
-    assert not torch.equal(written[name], mean_merge[name])  # RegMean's Grams did act on the vision tower
+    assert not torch.allclose(written[name], mean_merge[name], rtol=1e-4, atol=1e-5)  # the statistics did act
