@@ -1,6 +1,7 @@
 """A data-aware merge from the command line reproduces the benchmark's calibration recipe.
 
-Usage: python benchmarks/evaluation_calibration_parity.py [--suite text6 --workdir DIR --samples 512 --examples-only]
+Usage: python benchmarks/evaluation_calibration_parity.py [--suite text6 --tasks a,b --workdir DIR --samples 512
+       --examples-only]
 
 Writes the suite's tasks as CSV files (a ``split`` column) and a merge config whose ``evaluation:``
 block describes them as a user would (kind ``zero-shot-text``, the bench's prompts, ``max_length``
@@ -39,6 +40,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", default="text6")
     ap.add_argument("--workdir", default="/tmp/pactmerge-evaluation-calibration")
+    ap.add_argument("--tasks", default=None, help="a comma-separated subset of the suite's tasks")
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--examples-only", action="store_true", help="step 1 only (no merges; light on CPU)")
     args = ap.parse_args()
@@ -54,7 +56,8 @@ def main() -> None:
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    tasks = load_tasks(suite_tasks(args.suite))
+    names = args.tasks.split(",") if args.tasks else list(suite_tasks(args.suite))
+    tasks = load_tasks(names)
     base = prepare_base(None, None)
     cache = base.path.parent / "finetuned"
     paths = {n: cache / f"{n}-{finetune_key(t, base, FinetuneConfig())}" for n, t in tasks.items()}
