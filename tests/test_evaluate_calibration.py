@@ -3,6 +3,8 @@
 Each model's examples are its task's training rows, tokenized as the kind does, in a seeded order; the
 CLI merge must equal the Python merge given the same data built by hand from the CSV."""
 
+import json
+
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -117,6 +119,12 @@ def _assert_same(written, expected):
 
 def test_cli_pave_merge_equals_python_merge_on_hand_built_training_data(setup, tmp_path):
     written = _merge_cli(_config(setup, tmp_path / "merge.yaml"), tmp_path / "out")
+    calibration = json.loads((tmp_path / "out" / "evaluation.json").read_text())["calibration"]
+    assert calibration["statistics"] == ["covariance"] and calibration["examples"] == [SAMPLES, SAMPLES]
+    assert calibration["data"] == "each model's task, train split" and calibration["tasks"] == list(TASKS)
+    line = "Calibration statistics (covariance) from each model's task, train split: 24 (colors), 24 (animals)"
+    for report in ("evaluation.md", "README.md"):
+        assert line in (tmp_path / "out" / report).read_text(), report
     expected = _merge_python(setup, tmp_path)
     _assert_same(written, expected)
     # PAVE did act: the merge differs from plain task arithmetic.
@@ -162,16 +170,17 @@ def test_only_training_rows_feed_the_statistics(setup, tmp_path):
             setup, tmp_path / f"{name}.yaml", data=files, calibration=calib, filters=[{"pave": {"rho": 0.75}}]
         )
         out = _merge_cli(cfg, tmp_path / name / "out")
-        return out, sorted(p.name for p in cache.iterdir())
+        cached = "from the cache" in (tmp_path / name / "out" / "evaluation.md").read_text()
+        return out, sorted(p.name for p in cache.iterdir()), cached
 
-    original, files0 = run("original", rows)
-    assert len(files0) == 2  # one covariance file per model
+    original, files0, cached = run("original", rows)
+    assert len(files0) == 2 and not cached  # one covariance file per model, computed now
     for split in ("validation", "test"):
-        changed, files = run(split, _edit(rows, split, TASKS["colors"]))
-        assert files == files0  # the same examples: the cached statistics are reused, nothing recomputed
+        changed, files, cached = run(split, _edit(rows, split, TASKS["colors"]))
+        assert files == files0 and cached  # the same examples: the cached statistics are reused
         _assert_same(changed, original)
-    changed, files = run("train", _edit(rows, "train", TASKS["colors"]))
-    assert len(files) == 3 and set(files0) < set(files)  # model 0's statistics recomputed from the new row
+    changed, files, cached = run("train", _edit(rows, "train", TASKS["colors"]))
+    assert len(files) == 3 and set(files0) < set(files) and not cached  # model 0's recomputed from the new row
     assert any(not torch.equal(changed[n], original[n]) for n in original)
 
 
