@@ -308,6 +308,7 @@ def test_cli_merge_with_a_data_aware_stage_and_no_data(tmp_path):
     assert res.exit_code != 0
     msg = res.output.strip()
     assert "regmean need(s) calibration statistics" in msg and len(msg.splitlines()) == 1
+    assert "add an `evaluation:` block" in msg and "calibration_data=" in msg  # says what to add
     assert not (tmp_path / "out").exists()
 
 

@@ -96,6 +96,8 @@ def merge(
 
         session = MergeEvaluation(cfg, dev, progress)
         cfg = session.merge_config
+        if calibration_data is None:  # data-aware stages: each model's task's training split
+            calibration_data = session.calibration_data()
     inputs = open_inputs(cfg, calibration_data, cache_dir=cache_dir)
     try:
         check_output(inputs)
@@ -309,7 +311,10 @@ def dry_run(
     if cfg.evaluation is not None:  # the tasks' data, columns, labels, splits and the evaluated model
         from pactmerge.eval.session import MergeEvaluation
 
-        cfg = MergeEvaluation(cfg, resolve_device("cpu")).merge_config
+        session = MergeEvaluation(cfg, resolve_device("cpu"))
+        cfg = session.merge_config
+        if calibration_data is None:
+            calibration_data = session.calibration_data()
     inputs = open_inputs(cfg, calibration_data)
     try:
         check_output(inputs)

@@ -106,6 +106,16 @@ def bar_chart(report: Mapping[str, Any], path: Path, title: str | None = None) -
 # -- a merge's evaluation (alpha: search) ----------------------------------------------------------------
 
 
+def calibration_line(calibration: Mapping[str, Any]) -> str:
+    """One sentence: what a data-aware merge's statistics were computed from."""
+    per_model = ", ".join(f"{n} ({t})" if t else str(n) for n, t in zip(calibration["examples"], calibration["tasks"]))
+    return (
+        f"Calibration statistics ({', '.join(calibration['statistics'])}) from {calibration['data']}:"
+        f" {per_model} examples per model"
+        + (f", computed in {calibration['seconds']:g} s." if calibration["seconds"] else ", from the cache.")
+    )
+
+
 def evaluation_markdown(evaluation: Mapping[str, Any]) -> str:
     """``evaluation.md``: the chosen alpha, per-task validation and test scores, and the alpha trace."""
     tasks: Sequence[str] = evaluation["tasks"]
@@ -133,6 +143,8 @@ def evaluation_markdown(evaluation: Mapping[str, Any]) -> str:
         )
     avg = evaluation["average"]
     lines.append(f"| **average** | {fmt(avg['validation'])} | {fmt(avg['test'])} | |")
+    if evaluation.get("calibration"):
+        lines += ["", calibration_line(evaluation["calibration"])]
     if evaluation.get("excluded"):
         lines += ["", "Not merged (kept from the base; each task's own head where it has one): "]
         lines[-1] += ", ".join(evaluation["excluded"])

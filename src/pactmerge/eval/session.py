@@ -33,8 +33,9 @@ from pactmerge.eval.alpha import AlphaSearch
 from pactmerge.eval.harness import add_averages, evaluate_merge, mean, result_row
 from pactmerge.eval.kinds import prepare
 from pactmerge.eval.kinds.common import EvalSpec, ModelEvaluator, hf_folder
-from pactmerge.eval.report import alpha_chart, evaluation_markdown, jsonable, score_format
+from pactmerge.eval.report import alpha_chart, calibration_line, evaluation_markdown, jsonable, score_format
 from pactmerge.lowrank import Delta, LowRankDelta
+from pactmerge.stats import ModelData
 
 
 def alpha_search(search: SearchConfig) -> AlphaSearch:
@@ -95,6 +96,16 @@ class MergeEvaluation:
         self.merge_config = cfg.model_copy(update={"exclude": [*cfg.exclude, *auto]})
         self.merged: dict[str, Delta] = {}
         self.result: dict[str, Any] = {}
+        self.calibration_from_tasks = False  # True once calibration_data() built the data-aware stages' data
+
+    def calibration_data(self) -> list[ModelData] | None:
+        """Each model's calibration data from its task's training split, when a stage of the merge needs
+        statistics (PAVE, RegMean, Fisher); None otherwise (:mod:`pactmerge.eval.task_calibration`)."""
+        from pactmerge.eval.task_calibration import task_calibration_data
+
+        data = task_calibration_data(self.merge_config, self.prepared, self.evaluator)
+        self.calibration_from_tasks = data is not None
+        return data
 
     # -- the merge and the search ----------------------------------------------------------------------
 
@@ -141,8 +152,21 @@ class MergeEvaluation:
             "excluded": list(self.evaluator.excluded),
             "merge_seconds": round(merge_s, 2),
             "eval_seconds": round(time.perf_counter() - t1, 2),
+            "calibration": self._calibration_summary(inputs.calibration),
         }
         return choice.alpha
+
+    def _calibration_summary(self, calibration: Any) -> dict[str, Any] | None:
+        """What the data-aware stages were calibrated on (None without such a stage)."""
+        if calibration is None or calibration.store is None:
+            return None
+        return {
+            "statistics": list(calibration.kinds),
+            "data": "each model's task, train split" if self.calibration_from_tasks else "calibration_data (Python)",
+            "tasks": [m.task for m in self.cfg.models],
+            "examples": list(calibration.store.examples),
+            "seconds": round(calibration.seconds, 2),
+        }
 
     @property
     def output_config(self) -> MergeConfig:
@@ -217,6 +241,8 @@ class MergeEvaluation:
                 + ", ".join(f"`{t}/`" for t in r["task_folders"]),
                 "",
             ]
+        if r.get("calibration"):
+            lines += [calibration_line(r["calibration"]), ""]
         lines += ["Details: `evaluation.md`, `evaluation.json`.", ""]
         return "\n".join(lines)
 

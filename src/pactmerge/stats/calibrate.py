@@ -155,8 +155,9 @@ def plan_calibration(
     users = ", ".join(sorted({s for names in kinds.values() for s in names}))
     if data is None:
         raise PactMergeError(
-            f"{users} need(s) calibration statistics ({', '.join(kinds)}): give each model's calibration data"
-            " (Python: pactmerge.merge(..., calibration_data=[pactmerge.stats.ModelData(...) per model]))"
+            f"{users} need(s) calibration statistics ({', '.join(kinds)}) from each model's task data: add an"
+            " `evaluation:` block with each model's task (`models[i].task`; its train split is used), or pass"
+            " calibration_data=[pactmerge.stats.ModelData per model] in Python (docs/data_aware.md)"
         )
     if len(data) != len(models):
         raise PactMergeError(f"calibration data for {len(data)} model(s), but the config has {len(models)} models")

@@ -213,6 +213,7 @@ class ZeroShotTextKind(ModelEvaluator):
         )
         self.tasks = self.inner.tasks
         self.weights = self.inner.weights
+        self.heads = self.inner.heads  # task -> frozen prompt head (also the calibration pass's Fisher loss)
 
     def scores(self, split: str, tasks: Sequence[str] | None = None) -> dict[str, float]:
         return self.inner.scores(split, tasks)
