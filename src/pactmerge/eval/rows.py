@@ -76,31 +76,33 @@ def data_aware_rows(K: int = 15, k: int = 8) -> list[Row]:
 
 def survey_rows(K: int = 15, k: int = 8) -> list[Row]:
     """The survey's data-free methods at their defaults, each with PACT (K, k) where it takes task
-    vectors, and the per-task methods (TALL masks, TSV-C: each task scored with its own model)."""
+    vectors, and the per-task methods (TALL masks, TSV-C: each task scored with its own model).
+    Ordered so that a run cut short has the rows users ask for most."""
     pact = (_pact(K, k),)
-    rows = []
+    rows = [
+        Row("tall-masks", "TALL masks (per task)", ("tall_masks",)),
+        Row("tsv-c", "TSV-C (per task)", ("tsv_c",)),
+        Row("pact-ties", "PACT-TIES", ("ties",), filters=pact),
+        Row("pact-isocts", "PACT-Iso-CTS", ("iso_cts",), filters=pact),
+    ]
     for key, name, method in (
+        ("wudi", "WUDI", "wudi"),
         ("breadcrumbs", "Breadcrumbs", "breadcrumbs"),
         ("della", "DELLA", "della"),
         ("pcb", "PCB", "pcb"),
         ("star", "STAR", "star"),
         ("cart", "CART", "cart"),
-        ("wudi", "WUDI", "wudi"),
     ):
         rows.append(Row(key, name, (method,)))
         rows.append(Row(f"pact-{key}", f"PACT-{name}", (method,), filters=pact))
     rows += [
-        Row("wudi-exact", "WUDI (exact solver)", ("wudi",), {"solver": "exact"}),
-        Row("model-stock", "Model Stock", ("model_stock",), fixed_alpha=1.0),
-        Row("pact-model-stock", "PACT-Model Stock", ("model_stock",), filters=pact, fixed_alpha=1.0),
         Row("consensus-ties", "Consensus TIES", ("consensus",), {"base_method": "ties"}),
         Row("pact-consensus", "PACT-Consensus TA", ("consensus", "consensus_ta"), filters=pact),
-        Row("pact-ties", "PACT-TIES", ("ties",), filters=pact),
-        Row("pact-isocts", "PACT-Iso-CTS", ("iso_cts",), filters=pact),
+        Row("model-stock", "Model Stock", ("model_stock",), fixed_alpha=1.0),
+        Row("pact-model-stock", "PACT-Model Stock", ("model_stock",), filters=pact, fixed_alpha=1.0),
         Row("nan", "NAN-TA", ("task_arithmetic",), filters=(("nan", {}),)),
         Row("pact-nan", "PACT→NAN-TA", ("task_arithmetic",), filters=(_pact(K, k), ("nan", {}))),
-        Row("tall-masks", "TALL masks (per task)", ("tall_masks",)),
-        Row("tsv-c", "TSV-C (per task)", ("tsv_c",)),
+        Row("wudi-exact", "WUDI (exact solver)", ("wudi",), {"solver": "exact"}),
     ]
     return rows
 
