@@ -318,3 +318,147 @@ def test_demo_rows_are_the_full_bench_rows(tiny):
         picks += r["alpha"] is not None
     assert picks == 4
     assert demo_config().per_class is None and demo_config().search is None
+
+
+# -- the catalogue's extra rows: per-task methods and data-aware methods ---------------------------
+
+
+def test_catalogue_rows_are_named_by_methods_only():
+    """--methods reaches the survey and data-aware rows; a plain run keeps the default rows; unknown keys
+    are refused."""
+    from pactmerge.eval import rows as bench_rows
+
+    default = bench_rows.default_rows(4, 2)
+    extra = bench_rows.catalogue_rows(4, 2)
+    assert [r.key for r in bench_rows.select_rows(default, None, extra)] == [r.key for r in default]
+    picked = bench_rows.select_rows(default, ["pact-wudi", "ta", "emr"], extra)
+    assert [r.key for r in picked] == ["ta", "emr", "pact-wudi"]  # catalogue order
+    assert picked[2].filters == (("pact", {"K": 4, "k": 2}),)
+    with pytest.raises(ValueError, match="unknown method row.s. nosuch; known: zeroshot"):
+        bench_rows.select_rows(default, ["emr", "nosuch"], extra)
+    keys = [r.key for r in extra]
+    assert len(keys) == len(set(keys))
+    for row in bench_rows.data_aware_rows(4, 2) + bench_rows.survey_rows(4, 2):  # every row's method/filters exist
+        assert isinstance(bench_rows.row_config(row, Path("b"), [Path("m")], [], "float32"), dict), row.key
+    assert bench_rows.row_needs(next(r for r in extra if r.key == "fisher")) == ("fisher",)
+    assert bench_rows.row_needs(next(r for r in extra if r.key == "pact-pave-ta")) == ("covariance",)
+    assert bench_rows.row_needs(next(r for r in extra if r.key == "emr")) == ()
+
+
+class _RecordingEvaluator:
+    """Records the weights each task is scored with; the score prefers alpha near 1."""
+
+    def __init__(self, tasks):
+        self.tasks = list(tasks)
+        self.current: dict = {}
+        self.alpha = 0.0
+        self.seen: dict = {}
+
+    def set_weights(self, weights):
+        self.current, self.alpha = {}, 0.0
+
+    def set_merged(self, merged, alpha):
+        self.current, self.alpha = dict(merged), alpha
+
+    def scores(self, split, tasks=None):
+        names = list(tasks) if tasks is not None else self.tasks
+        for t in names:
+            self.seen[(split, t)] = (self.alpha, self.current)
+        return dict.fromkeys(names, 1.0 - (self.alpha - 1.0) ** 2)
+
+
+def _emr_reference(shared_names, base_sd, ft_sds):
+    """EMR-Merging written from the paper in float64 numpy: each task's vector lambda_t * M_t * tau_uni."""
+    import numpy as np
+
+    taus = [{n: (sd[n].double() - base_sd[n].double()).numpy() for n in shared_names} for sd in ft_sds]
+    uni = {}
+    for n in shared_names:
+        stack = np.stack([tau[n] for tau in taus])
+        sign = np.sign(stack.sum(0))
+        agree = np.where(stack * sign > 0, np.abs(stack), 0.0)
+        uni[n] = sign * agree.max(0)
+    out = []
+    for tau in taus:
+        masks = {n: tau[n] * uni[n] > 0 for n in shared_names}
+        total = sum(np.abs(tau[n]).sum() for n in shared_names)
+        lam = total / sum(np.abs(masks[n] * uni[n]).sum() for n in shared_names)
+        out.append({n: lam * masks[n] * uni[n] for n in shared_names})
+    return uni, out
+
+
+def test_task_specific_row_scores_each_task_with_its_own_vector(tiny):
+    """EMR's row: each task is scored with theta_0 + alpha * lambda_t M_t tau_uni (the paper's formula,
+    derived here independently), never with the shared tau_uni."""
+    from safetensors.torch import load_file
+
+    from pactmerge.eval import rows as bench_rows
+    from pactmerge.eval.harness import BenchSuite, run_rows
+    from pactmerge.eval.suites.text import FROZEN
+
+    _, tasks, _ = tiny
+    report = run_bench(_cfg(tiny, methods=("finetuned",)), log=lambda m: None, tasks=tasks)
+    ft_paths = {n: Path(p) for n, p in report["finetuned_models"].items()}
+    base = Path(report["base_model"])
+    ev = _RecordingEvaluator(ft_paths)
+    suite = BenchSuite(ev, base, ft_paths, FROZEN, load_finetuned=lambda name: None)
+    emr = [r for r in bench_rows.data_aware_rows(4, 2) if r.key == "emr"]
+    results, _ = run_rows(suite, emr, search=None, log=lambda m: None)
+    row = results[0]
+    assert "skipped" not in row and row["per_task"] is True and row["alpha"] == pytest.approx(1.0)
+
+    base_sd = load_file(str(base / "model.safetensors"))
+    ft_sds = [load_file(str(p / "model.safetensors")) for p in ft_paths.values()]
+    seen_names = set(ev.seen[("test", "t1")][1])
+    assert seen_names and all(n.startswith("encoder.") for n in seen_names)
+    uni, own = _emr_reference(sorted(seen_names), base_sd, ft_sds)
+    for t, task in enumerate(ft_paths):
+        alpha, vec = ev.seen[("test", task)]
+        assert alpha == pytest.approx(1.0)
+        for n in seen_names:
+            torch.testing.assert_close(vec[n].double(), torch.from_numpy(own[t][n]), atol=1e-6, rtol=1e-5)
+    # The two tasks' models differ, and neither is the shared vector.
+    differs = [n for n in seen_names if not torch.equal(ev.seen[("test", "t1")][1][n], ev.seen[("test", "t2")][1][n])]
+    assert differs
+    n = differs[0]
+    for task in ft_paths:
+        assert not torch.allclose(ev.seen[("test", task)][1][n].double(), torch.from_numpy(uni[n]))
+
+
+def test_data_aware_rows_get_training_split_data_only(tiny, monkeypatch):
+    """The calibration data of RegMean / PAVE rows is each task's training split (never validation or
+    test), and the calibration time is reported apart from the merge time; per-task rows run."""
+    from pactmerge.eval import harness
+    from pactmerge.eval.heads import tokenize
+
+    model_dir, tasks, root = tiny
+    given = []
+    real = harness.merge_for_scoring
+
+    def spy(cfg, names, progress=False, calibration_data=None):
+        given.append((cfg.get("calibration"), calibration_data))
+        return real(cfg, names, progress, calibration_data)
+
+    monkeypatch.setattr(harness, "merge_for_scoring", spy)
+    methods = ("finetuned", "ta", "regmean", "pave-ta", "tall-masks", "tsv-c")
+    cfg = _cfg(tiny, methods=methods, out_dir=root / "data-aware", cache_dir=root / "cache")
+    report = run_bench(cfg, log=lambda m: None, tasks=tasks)
+    rows = {r["key"]: r for r in report["rows"]}
+    assert not [r for r in rows.values() if "skipped" in r], [r.get("skipped") for r in rows.values()]
+    assert rows["tall-masks"]["per_task"] and rows["tsv-c"]["per_task"] and not rows["ta"]["per_task"]
+    for key in ("regmean", "pave-ta"):
+        assert rows[key]["calibration_seconds"] >= 0 and rows[key]["calibration"]["samples"] == 512
+        assert rows[key]["calibration_examples"] == [len(tasks[t].splits["train"][0]) for t in TOPICS]
+    assert "calibration_seconds" not in rows["ta"]
+    assert "| calib s |" in (root / "data-aware" / "results.md").read_text()
+
+    data_rows = [(c, d) for c, d in given if d is not None]
+    assert len(data_rows) == 2 and all(c is not None for c, _ in data_rows)
+    assert all(d is None for c, d in given if c is None)  # the other rows get no data
+    tok = ft.load_tokenizer(Path(report["base_model"]))
+    for _, data in data_rows:
+        for name, md in zip(TOPICS, data):
+            split_ids = {s: {tuple(x) for x in tokenize(tok, tasks[name].splits[s][0]).ids} for s in tasks[name].splits}
+            used = {tuple(ex["input_ids"].tolist()) for ex in md.examples}
+            assert used == split_ids["train"]
+            assert not used & (split_ids["validation"] | split_ids["test"])

@@ -134,7 +134,14 @@ def bench_command(
         None, help="Named suite: text6 (default), text12, text20 (MiniLM, text), image (EfficientNet-Lite0)."
     ),
     tasks: str = typer.Option(None, help="Comma-separated tasks (default: the text6 suite)."),
-    methods: str = typer.Option(None, help="Comma-separated row keys, e.g. ta,pact-ta,isoc (default: all)."),
+    methods: str = typer.Option(
+        None,
+        help="Comma-separated row keys, e.g. ta,pact-ta,isoc (default: every default row). Also names the extra"
+        " rows that never run by default: data-aware emr, pave-emr, pave-ta, pave-ties, regmean, fisher,"
+        " pave-pact-ta, pact-pave-ta (calibration on the training split); survey breadcrumbs, della, pcb, star,"
+        " cart, wudi (each also as pact-<key>), wudi-exact, model-stock, pact-model-stock, consensus-ties,"
+        " pact-consensus, pact-ties, pact-isocts, nan, pact-nan, tall-masks, tsv-c (docs/benchmark_results.md).",
+    ),
     steps: int = typer.Option(None, help="Fine-tuning steps per task (default 120, image 300; 30 with --quick)."),
     seed: int = typer.Option(0, help="Fine-tuning seed."),
     cache_dir: Path = typer.Option(

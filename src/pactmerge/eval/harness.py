@@ -21,7 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pactmerge.eval.alpha import AlphaChoice, AlphaSearch, choose_alpha
-from pactmerge.eval.rows import Row, row_config
+from pactmerge.eval.rows import Row, row_config, row_needs
 
 TaskVector = Mapping[str, Tensor]
 PerTaskVectors = Callable[[str], Mapping[str, Tensor]]
@@ -113,21 +113,87 @@ def evaluate_merge(
 def merged_task_vector(merge_cfg: Mapping[str, Any], progress: bool = False) -> tuple[dict[str, Tensor], float]:
     """One streamed merge: ``{name: merged task vector}`` (float32, CPU; copied parameters
     omitted) and its seconds."""
+    merged = merge_for_scoring(merge_cfg, [], progress)
+    return merged.shared, merged.seconds
+
+
+@dataclass
+class MergeResult:
+    """One streamed merge, ready to score.
+
+    ``shared``: ``{name: merged task vector}`` (float32, CPU; copied parameters omitted).
+    ``per_task``: for a task-specific method (EMR, TALL masks, TSV-C; :mod:`pactmerge.modulators`)
+    the function ``task -> task vector`` that applies that task's modulators to ``shared``; None
+    for every other method. ``seconds``: the whole merge; ``calibration_seconds``: the part spent
+    computing calibration statistics (0 when they came from the cache), ``calibration_examples``:
+    N used per model ([] when the merge needs no data).
+    """
+
+    shared: dict[str, Tensor]
+    per_task: PerTaskVectors | None = None
+    seconds: float = 0.0
+    calibration_seconds: float = 0.0
+    calibration_examples: list[int] = field(default_factory=list)
+
+    @property
+    def merged(self) -> Merged:
+        """What :func:`evaluate_merge` scores: each task's own vector when there is one."""
+        return self.per_task if self.per_task is not None else self.shared
+
+
+def _per_task_vectors(
+    shared: Mapping[str, Tensor], modulators: Mapping[str, list[Any]], tasks: Sequence[str]
+) -> PerTaskVectors:
+    index = {t: i for i, t in enumerate(tasks)}
+
+    def vector(task: str) -> dict[str, Tensor]:
+        if task not in index:
+            raise KeyError(f"task {task!r}: the merge has tasks {', '.join(tasks)}")
+        t = index[task]
+        out = dict(shared)
+        for name, mods in modulators.items():
+            out[name] = mods[t].apply(shared[name]).float()
+        return out
+
+    return vector
+
+
+def merge_for_scoring(
+    merge_cfg: Mapping[str, Any],
+    tasks: Sequence[str],
+    progress: bool = False,
+    calibration_data: Sequence[Any] | None = None,
+) -> MergeResult:
+    """One streamed merge of ``merge_cfg`` (models in ``tasks`` order). ``calibration_data``: one
+    :class:`pactmerge.stats.ModelData` per model, for data-aware methods and filters. A task-specific
+    method's per-task modulators are kept, so each task can be scored with its own model."""
     from pactmerge.config import load_config
     from pactmerge.engine import iter_merged_deltas, open_inputs
     from pactmerge.lowrank import densify
 
     t0 = time.perf_counter()
-    inputs = open_inputs(load_config(merge_cfg))
+    inputs = open_inputs(load_config(merge_cfg), calibration_data)
+    modulators: dict[str, list[Any]] = {}
+
+    def keep(info, mods) -> None:
+        if not all(m.is_empty for m in mods):
+            modulators[info.name] = mods
+
     try:
-        merged = {
+        shared = {
             info.name: densify([d])[0].float().cpu()
-            for info, _, d in iter_merged_deltas(inputs, "cpu", progress)
+            for info, _, d in iter_merged_deltas(inputs, "cpu", progress, on_modulators=keep)
             if d is not None
         }
+        cal = inputs.calibration
+        cal_s = cal.seconds if cal is not None else 0.0
+        cal_n = list(cal.store.examples) if cal is not None and cal.store is not None else []
     finally:
         inputs.close()
-    return merged, time.perf_counter() - t0
+    if modulators and len(tasks) != len(inputs.models):
+        raise ValueError(f"per-task outputs for {len(inputs.models)} models, but {len(tasks)} task names given")
+    per_task = _per_task_vectors(shared, modulators, tasks) if modulators else None
+    return MergeResult(shared, per_task, time.perf_counter() - t0, cal_s, cal_n)
 
 
 # -- result rows -------------------------------------------------------------------------------------
@@ -177,6 +243,9 @@ class BenchSuite:
     model, default ``set_weights({})``); ``exclude`` lists the
     parameter patterns the merges copy from the base; ``extra_references`` adds suite-specific
     reference rows after the fine-tuned one; ``row_extra`` is stored in every merge row.
+    ``calibration_data()`` gives one :class:`pactmerge.stats.ModelData` per task (its *training*
+    split) for the rows whose method or filters need calibration statistics, and ``calibration``
+    is the merge config's ``calibration:`` block for them; a suite without it skips such rows.
     """
 
     evaluator: Evaluator
@@ -190,6 +259,8 @@ class BenchSuite:
     extra_references: Callable[[], list[dict]] | None = None
     after_references: Callable[[], None] | None = None  # e.g. free the fine-tuned weights
     row_extra: dict = field(default_factory=dict)
+    calibration_data: Callable[[], Sequence[Any]] | None = None
+    calibration: dict = field(default_factory=dict)
 
 
 def run_rows(
@@ -239,19 +310,34 @@ def run_rows(
     merge_rows = [r for r in rows if r.methods]
     for row in tqdm(merge_rows, desc="merge rows", unit="row", disable=not progress, file=sys.stderr):
         mcfg = row_config(row, suite.base_path, models, suite.exclude, dtype)
+        needs = row_needs(row)
+        if needs and suite.calibration_data is None and not isinstance(mcfg, str):
+            mcfg = f"needs calibration statistics ({', '.join(needs)}); this suite has no calibration data"
         if isinstance(mcfg, str):
             log(f"skip {row.label}: {mcfg}")
             results.append({"key": row.key, "label": row.label, "skipped": mcfg})
             continue
+        data = None
+        if needs and suite.calibration_data is not None:
+            mcfg["calibration"] = dict(suite.calibration)
+            data = suite.calibration_data()
         try:
-            merged, merge_s = merged_task_vector(mcfg, progress)
+            outcome = merge_for_scoring(mcfg, tasks, progress, data)
             t1 = time.perf_counter()
-            scored = evaluate_merge(ev, merged, row.fixed_alpha, search, progress)
+            scored = evaluate_merge(ev, outcome.merged, row.fixed_alpha, search, progress)
         except Exception as e:  # one broken method must not cost the whole (long) run
             log(f"error in {row.label}: {type(e).__name__}: {e}")
             results.append({"key": row.key, "label": row.label, "skipped": f"error: {type(e).__name__}: {e}"})
             continue
         eval_s = time.perf_counter() - t1
+        merge_s = outcome.seconds - outcome.calibration_seconds
+        extra: dict[str, Any] = {"per_task": outcome.per_task is not None}
+        if needs:
+            extra.update(
+                calibration=mcfg["calibration"],
+                calibration_seconds=round(outcome.calibration_seconds, 2),
+                calibration_examples=outcome.calibration_examples,
+            )
         results.append(
             result_row(
                 row.key,
@@ -265,14 +351,16 @@ def run_rows(
                 filters=mcfg["filters"],
                 merge_seconds=round(merge_s, 2),
                 eval_seconds=round(eval_s, 2),
+                **extra,
                 **suite.row_extra,
             )
         )
+        cal = f", calibration {outcome.calibration_seconds:.1f}s" if needs else ""
         log(
             f"{row.label}: alpha {scored.choice.label()} avg test {100 * mean(scored.test.values()):.1f}"
-            f"  (merge {merge_s:.1f}s, {len(scored.choice.trace)} alphas, {eval_s:.0f}s eval)"
+            f"  (merge {merge_s:.1f}s{cal}, {len(scored.choice.trace)} alphas, {eval_s:.0f}s eval)"
         )
-        del merged
+        del outcome
         if checkpoint is not None:
             checkpoint(results, ft_test)
     return results, ft_test

@@ -25,18 +25,22 @@ def jsonable(x: Any) -> Any:
 
 def markdown_table(report: Mapping[str, Any]) -> str:
     """One row per model: score per task (%), average, average normalized by the fine-tunes, alpha,
-    merge seconds. Skipped rows say why."""
+    merge seconds (and calibration seconds when a row needed calibration data). Skipped rows say why."""
     tasks = report["tasks"]
     fmt = score_format(report.get("metric", "accuracy"))
-    head = ["method", *tasks, "avg abs", "avg norm", "α", "merge s"]
+    calibrated = any("calibration_seconds" in r for r in report["rows"])
+    head = ["method", *tasks, "avg abs", "avg norm", "α", "merge s"] + (["calib s"] if calibrated else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["rows"]:
         if "skipped" in r:
-            lines.append(f"| {r['label']} | " + " | ".join(["—"] * (len(head) - 2)) + f" | skipped: {r['skipped']} |")
+            dashes = " | ".join(["—"] * (len(head) - 2 - calibrated))
+            lines.append(f"| {r['label']} | {dashes} | skipped: {r['skipped']} |" + (" — |" if calibrated else ""))
             continue
         cells = [r["label"], *(fmt(r["test"].get(t)) for t in tasks)]
         cells += [fmt(r["avg_abs"]), _pct(r["avg_norm"]), r["alpha_label"]]
         cells.append(f"{r['merge_seconds']:.1f}" if r.get("merge_seconds") is not None else "—")
+        if calibrated:
+            cells.append(f"{r['calibration_seconds']:.1f}" if "calibration_seconds" in r else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

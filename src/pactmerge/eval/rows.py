@@ -2,6 +2,11 @@
 
 A row whose method, filter or option is not registered is reported as skipped (never approximated
 by another method).
+
+A plain ``pactmerge bench`` runs :func:`default_rows`. The catalogue (:func:`catalogue_rows`) adds
+rows that ``--methods`` can name but that never run by default: :func:`data_aware_rows` (PAVE,
+EMR, RegMean, Fisher; calibration data from the suite's training split) and :func:`survey_rows`
+(the survey's data-free methods, each with and without PACT, and the per-task methods).
 """
 
 from __future__ import annotations
@@ -53,6 +58,60 @@ def default_rows(K: int = 15, k: int = 8) -> list[Row]:
     return rows
 
 
+def data_aware_rows(K: int = 15, k: int = 8) -> list[Row]:
+    """EMR and the rows that need calibration statistics (PAVE, RegMean, Fisher), PAVE composed
+    with TA, TIES, EMR and with PACT in both orders (``pave-pact-ta`` runs PAVE first)."""
+    pave: tuple[str, dict] = ("pave", {})
+    return [
+        Row("emr", "EMR (per task)", ("emr",)),
+        Row("pave-emr", "PAVE-EMR (per task)", ("emr",), filters=(pave,)),
+        Row("pave-ta", "PAVE-TA", ("task_arithmetic",), filters=(pave,)),
+        Row("pave-ties", "PAVE-TIES", ("ties",), filters=(pave,)),
+        Row("regmean", "RegMean", ("regmean",)),
+        Row("fisher", "Fisher merging", ("fisher",)),
+        Row("pave-pact-ta", "PAVE→PACT-TA", ("task_arithmetic",), filters=(pave, _pact(K, k))),
+        Row("pact-pave-ta", "PACT→PAVE-TA", ("task_arithmetic",), filters=(_pact(K, k), pave)),
+    ]
+
+
+def survey_rows(K: int = 15, k: int = 8) -> list[Row]:
+    """The survey's data-free methods at their defaults, each with PACT (K, k) where it takes task
+    vectors, and the per-task methods (TALL masks, TSV-C: each task scored with its own model).
+    Ordered so that a run cut short has the rows users ask for most."""
+    pact = (_pact(K, k),)
+    rows = [
+        Row("tall-masks", "TALL masks (per task)", ("tall_masks",)),
+        Row("tsv-c", "TSV-C (per task)", ("tsv_c",)),
+        Row("pact-ties", "PACT-TIES", ("ties",), filters=pact),
+        Row("pact-isocts", "PACT-Iso-CTS", ("iso_cts",), filters=pact),
+    ]
+    for key, name, method in (
+        ("wudi", "WUDI", "wudi"),
+        ("breadcrumbs", "Breadcrumbs", "breadcrumbs"),
+        ("della", "DELLA", "della"),
+        ("pcb", "PCB", "pcb"),
+        ("star", "STAR", "star"),
+        ("cart", "CART", "cart"),
+    ):
+        rows.append(Row(key, name, (method,)))
+        rows.append(Row(f"pact-{key}", f"PACT-{name}", (method,), filters=pact))
+    rows += [
+        Row("consensus-ties", "Consensus TIES", ("consensus",), {"base_method": "ties"}),
+        Row("pact-consensus", "PACT-Consensus TA", ("consensus", "consensus_ta"), filters=pact),
+        Row("model-stock", "Model Stock", ("model_stock",), fixed_alpha=1.0),
+        Row("pact-model-stock", "PACT-Model Stock", ("model_stock",), filters=pact, fixed_alpha=1.0),
+        Row("nan", "NAN-TA", ("task_arithmetic",), filters=(("nan", {}),)),
+        Row("pact-nan", "PACT→NAN-TA", ("task_arithmetic",), filters=(_pact(K, k), ("nan", {}))),
+        Row("wudi-exact", "WUDI (exact solver)", ("wudi",), {"solver": "exact"}),
+    ]
+    return rows
+
+
+def catalogue_rows(K: int = 15, k: int = 8) -> list[Row]:
+    """Every row ``--methods`` can name: the default rows, then the data-aware and the survey rows."""
+    return default_rows(K, k) + data_aware_rows(K, k) + survey_rows(K, k)
+
+
 def lora_rows(K: int = 7, k: int = 4, dare_p: float = 0.5) -> list[Row]:
     """The LoRA benchmark's rows (the PACT paper's Table 5): PACT with (K, k) = (7, 4) under both
     ways of taking an adapter's active subspace (exact top-k of B_tA_t, or the SVD of A_t)."""
@@ -78,15 +137,28 @@ def lora_rows(K: int = 7, k: int = 4, dare_p: float = 0.5) -> list[Row]:
     ]
 
 
-def select_rows(rows: Sequence[Row], keys: Sequence[str] | None) -> list[Row]:
-    """The rows named by ``keys`` (in the rows' order), every row for None; unknown keys are refused."""
+def select_rows(rows: Sequence[Row], keys: Sequence[str] | None, extra: Sequence[Row] = ()) -> list[Row]:
+    """The rows named by ``keys`` among ``rows`` and ``extra`` (in that order), every row of ``rows``
+    for None (``extra`` rows run only when named); unknown keys are refused."""
     if keys is None:
         return list(rows)
-    known = {r.key for r in rows}
+    catalogue = list(rows) + [r for r in extra if r.key not in {q.key for q in rows}]
+    known = {r.key for r in catalogue}
     unknown = [m for m in keys if m not in known]
     if unknown:
-        raise ValueError(f"unknown method row(s) {', '.join(unknown)}; known: {', '.join(r.key for r in rows)}")
-    return [r for r in rows if r.key in keys]
+        raise ValueError(f"unknown method row(s) {', '.join(unknown)}; known: {', '.join(r.key for r in catalogue)}")
+    return [r for r in catalogue if r.key in keys]
+
+
+def row_needs(row: Row) -> tuple[str, ...]:
+    """The calibration statistics (``covariance``, ``fisher``) the row's method and filters need;
+    () when nothing of it is registered or nothing needs data."""
+    from pactmerge.registry import available_filters, available_methods, get_filter, get_method
+
+    methods = [m for m in row.methods if m in available_methods()]
+    specs = [get_method(methods[0])] if methods else []
+    specs += [get_filter(name) for name, _ in row.filters if name in available_filters()]
+    return tuple(dict.fromkeys(kind for spec in specs for kind in spec.needs))
 
 
 def row_config(row: Row, base: Path, models: Sequence[Path], exclude: Sequence[str], dtype: str) -> dict | str:

@@ -61,7 +61,7 @@ from pactmerge.eval.harness import BenchSuite, add_averages, result_row, run_row
 from pactmerge.eval.images import IMAGE_TASKS, ImageTask, load_image_tasks, to_input
 from pactmerge.eval.kinds.common import WeightSwap
 from pactmerge.eval.report import jsonable, write_outputs
-from pactmerge.eval.rows import default_rows, select_rows
+from pactmerge.eval.rows import catalogue_rows, default_rows, select_rows
 
 CODE_VERSION = "image-v1"
 MODEL_NAME = "efficientnet-lite0"
@@ -564,7 +564,7 @@ def run_image_bench(
     tasks = dict(tasks) if tasks is not None else load_image_tasks(cfg.tasks)
     if cfg.per_class:
         tasks = {n: t.subsample(cfg.per_class) for n, t in tasks.items()}
-    rows = select_rows(default_rows(cfg.K, cfg.k), cfg.methods)
+    rows = select_rows(default_rows(cfg.K, cfg.k), cfg.methods, catalogue_rows(cfg.K, cfg.k))
 
     base = prepare_image_base(cache, weights)
     net = build_network(cfg.image_size)

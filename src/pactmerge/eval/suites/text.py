@@ -43,7 +43,7 @@ from pactmerge.eval.harness import BenchSuite, add_averages, merged_task_vector,
 from pactmerge.eval.heads import build_head
 from pactmerge.eval.kinds.zero_shot_text import ZeroShotTextEvaluator
 from pactmerge.eval.report import jsonable, write_outputs
-from pactmerge.eval.rows import default_rows, lora_rows, select_rows, single_model_config
+from pactmerge.eval.rows import catalogue_rows, default_rows, lora_rows, select_rows, single_model_config
 from pactmerge.eval.tasks import DEFAULT_TASKS, Task, load_tasks
 
 FROZEN = [r"^embeddings\.", r"^pooler\."]  # never trained (finetune.TRAINABLE_PREFIX = "encoder.")
@@ -70,6 +70,8 @@ class BenchConfig:
     progress: bool = True
     chart: bool = True
     lora: LoraFinetuneConfig | None = None  # set: the LoRA benchmark (PEFT adapters, lora_rows)
+    # Data-aware rows: N training examples per task (fewer when a task's training split is smaller).
+    calibration_samples: int = 512
 
     @property
     def alpha_search(self) -> AlphaSearch:
@@ -127,7 +129,10 @@ def run_text_bench(
     tasks = dict(tasks) if tasks is not None else load_tasks(cfg.tasks)
     if cfg.per_class:
         tasks = {n: t.subsample(cfg.per_class) for n, t in tasks.items()}
-    rows = select_rows(lora_rows(cfg.K, cfg.k) if cfg.lora else default_rows(cfg.K, cfg.k), cfg.methods)
+    if cfg.lora:
+        rows = select_rows(lora_rows(cfg.K, cfg.k), cfg.methods)
+    else:  # --methods may also name the catalogue's extra rows (rows.catalogue_rows)
+        rows = select_rows(default_rows(cfg.K, cfg.k), cfg.methods, catalogue_rows(cfg.K, cfg.k))
 
     base = prepare_base(cfg.base_model, cache)
     tokenizer = load_tokenizer(base.path)
@@ -165,6 +170,16 @@ def run_text_bench(
         else:
             evaluator.set_weights(loaded[name])
 
+    calibration: list[Any] = []
+
+    def calibration_data() -> list[Any]:
+        """Each task's fine-tune on its *training* split (built once, on the first data-aware row)."""
+        if not calibration:
+            from pactmerge.eval.bench_calibration import text_calibration
+
+            calibration.extend(text_calibration(tasks, ft_paths, tokenizer, heads))
+        return calibration
+
     suite = BenchSuite(
         evaluator=evaluator,
         base_path=base.path,
@@ -172,6 +187,8 @@ def run_text_bench(
         exclude=FROZEN,
         load_finetuned=load_finetuned,
         after_references=loaded.clear,  # free the fine-tuned weights before the merges
+        calibration_data=None if cfg.lora else calibration_data,
+        calibration={"samples": cfg.calibration_samples, "allow_fewer": True},
     )
 
     def report(results: list[dict], ft_test: Mapping[str, float]) -> dict:
