@@ -3,7 +3,7 @@ of the same step, side by side, with the ratio (and that the results agree).
 
 Usage::
 
-    flock /work/cpu.lock .venv/bin/python benchmarks/levers.py [--repeats 5]
+    .venv/bin/python benchmarks/levers.py [--repeats 5]
 
 Medians of ``--repeats`` in one process (in-process steps) or in fresh processes (the huge-page
 and worker-pool rows, whose settings act at process start). docs/performance.md quotes the table.

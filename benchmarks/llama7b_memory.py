@@ -5,7 +5,7 @@ Goal (issue 18): peak RSS <= 8 GiB for TA and for PACT-Iso-C, flat in the number
 
 Usage::
 
-    flock /work/cpu.lock .venv/bin/python benchmarks/llama7b_memory.py [--layers 2,4,8] [--full]
+    .venv/bin/python benchmarks/llama7b_memory.py [--layers 2,4,8] [--full]
         [--workdir /work/bench_tmp/llama7b] [--threads 2]
 
 Each merge is ``pactmerge merge`` in a fresh process (the plain loop, ``--workers 1``); peak

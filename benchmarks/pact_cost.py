@@ -5,7 +5,7 @@ Goal (issue 18): PACT-Iso-C with ``svd: randomized`` <= 1.3x plain Iso-C.
 
 Usage::
 
-    flock /work/cpu.lock .venv/bin/python benchmarks/pact_cost.py [--repeats 3] [--workdir /work/bench_tmp/pact_cost]
+    .venv/bin/python benchmarks/pact_cost.py [--repeats 3] [--workdir /work/bench_tmp/pact_cost]
 
 Each merge is a fresh process with one thread, in-memory inputs loaded (materialized) before the
 timed ``pactmerge.merge`` call; the rows alternate and repeat; the table has medians and the

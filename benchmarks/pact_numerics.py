@@ -21,7 +21,7 @@ K, k, flat and decaying spectra, float64 and float32): the quantiles behind
 :func:`pactmerge.linalg.null_rtol`.
 
     git worktree add --detach /tmp/main-src main
-    flock /work/cpu.lock env OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/pact_numerics.py \\
+    env OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/pact_numerics.py \\
         --suite text6 --suite text12 --before-src /tmp/main-src/src
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/pact_numerics.py --random 300
 """

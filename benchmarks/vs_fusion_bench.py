@@ -6,7 +6,7 @@ whole process, with the same merged update (max relative difference beside the t
 
 Usage (the benchmark venv has fusion_bench; our side runs from this checkout's src/)::
 
-    flock /work/cpu.lock /work/main/.venv-bench/bin/python benchmarks/vs_fusion_bench.py \
+    PYTHONPATH=src .venv-bench/bin/python benchmarks/vs_fusion_bench.py \
         [--repeats 3] [--methods TA,TIES,TSV-M,Iso-C,Iso-CTS] [--workdir /work/bench_tmp/fusion_bench]
 
 Every measurement is a fresh process with one thread (OMP/MKL_NUM_THREADS=1 and

@@ -5,7 +5,7 @@ Goal (issue 18): wall time <= 0.5x mergekit's and peak RSS <= 1.0x, TA within 1.
 
 Usage (the benchmark venv has mergekit; our side runs from this checkout's src/)::
 
-    flock /work/cpu.lock /work/main/.venv-bench/bin/python benchmarks/vs_mergekit.py \
+    PYTHONPATH=src .venv-bench/bin/python benchmarks/vs_mergekit.py \
         [--repeats 3] [--layers 22] [--workdir /work/bench_tmp/mergekit] [--keep]
 
 Each run is a fresh process with one thread (OMP/MKL_NUM_THREADS=1; mergekit ``-j 1``), the sides

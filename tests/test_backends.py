@@ -433,3 +433,19 @@ def test_chunks_are_used_only_when_every_stage_is_elementwise(checkpoints):
             assert merges_in_chunks(inputs, info, cpu) is expected, extra
         finally:
             inputs.close()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"method": "tall_masks"}, "per-task outputs"),
+        ({"method": "regmean"}, "data-aware stages"),
+        ({"method": "task_arithmetic", "output": "adapter"}, "dense model folder"),
+    ],
+)
+def test_ray_backend_refuses_what_it_cannot_run_before_any_work(checkpoints, tmp_path, extra, message):
+    cfg = {**_cfg(checkpoints, "ta"), **extra}
+    with pytest.raises(PactMergeError, match=message) as err:
+        pactmerge.merge(cfg, tmp_path / "out", backend="ray")
+    assert str(err.value).startswith("--backend ray") and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
