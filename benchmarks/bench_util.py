@@ -14,6 +14,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterable
@@ -248,6 +249,13 @@ def max_rel_diff_states(base: dict, ours: dict, ref: dict) -> float:
 def median(xs: Iterable[float]) -> float:
     xs = list(xs)
     return statistics.median(xs) if xs else float("nan")
+
+
+def default_workdir(name: str) -> Path:
+    """Where a benchmark writes its generated checkpoints unless ``--workdir`` says otherwise:
+    ``$PACTMERGE_BENCH_DIR/<name>``, else ``<temp dir>/pactmerge-bench/<name>``."""
+    root = os.environ.get("PACTMERGE_BENCH_DIR") or os.path.join(tempfile.gettempdir(), "pactmerge-bench")
+    return Path(root) / name
 
 
 def machine() -> str:

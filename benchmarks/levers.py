@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench_util import SRC, machine, table
+from bench_util import SRC, default_workdir, machine, table
 
 sys.path.insert(0, str(SRC))
 
@@ -204,7 +204,7 @@ def in_fresh_processes(repeats: int, workdir: Path) -> list[list[str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--workdir", type=Path, default=Path("/work/bench_tmp/levers"))
+    ap.add_argument("--workdir", type=Path, default=default_workdir("levers"))
     args = ap.parse_args()
     rows = in_process(args.repeats) + in_fresh_processes(max(3, args.repeats // 2), args.workdir)
     print(f"\n{machine()}; one thread unless stated; medians of {args.repeats}.\n")

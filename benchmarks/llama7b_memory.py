@@ -6,7 +6,7 @@ Goal (issue 18): peak RSS <= 8 GiB for TA and for PACT-Iso-C, flat in the number
 Usage::
 
     .venv/bin/python benchmarks/llama7b_memory.py [--layers 2,4,8] [--full]
-        [--workdir /work/bench_tmp/llama7b] [--threads 2]
+        [--workdir DIR] [--threads 2]
 
 Each merge is ``pactmerge merge`` in a fresh process (the plain loop, ``--workers 1``); peak
 RSS is that process's ``ru_maxrss``. Each layer count's checkpoints are generated, merged and
@@ -24,7 +24,18 @@ from pathlib import Path
 
 import yaml
 
-from bench_util import LLAMA2_7B, SRC, fmt_bytes, llama_config, llama_layout, machine, make_family, run_with_peak, table
+from bench_util import (
+    LLAMA2_7B,
+    SRC,
+    default_workdir,
+    fmt_bytes,
+    llama_config,
+    llama_layout,
+    machine,
+    make_family,
+    run_with_peak,
+    table,
+)
 
 CASES = {
     "TA": {"method": "task_arithmetic"},
@@ -40,7 +51,7 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="also the full 32 layers, if the disk has room")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each merge")
     ap.add_argument("--methods", default=",".join(CASES))
-    ap.add_argument("--workdir", type=Path, default=Path("/work/bench_tmp/llama7b"))
+    ap.add_argument("--workdir", type=Path, default=default_workdir("llama7b"))
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (hidden 256) to check the script quickly")
     args = ap.parse_args()
     counts = [int(x) for x in args.layers.split(",") if x]

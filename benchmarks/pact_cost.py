@@ -5,7 +5,7 @@ Goal (issue 18): PACT-Iso-C with ``svd: randomized`` <= 1.3x plain Iso-C.
 
 Usage::
 
-    .venv/bin/python benchmarks/pact_cost.py [--repeats 3] [--workdir /work/bench_tmp/pact_cost]
+    .venv/bin/python benchmarks/pact_cost.py [--repeats 3] [--workdir DIR]
 
 Each merge is a fresh process with one thread, in-memory inputs loaded (materialized) before the
 timed ``pactmerge.merge`` call; the rows alternate and repeat; the table has medians and the
@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_util import SRC, machine, make_family, median, run_with_peak, table, vit_b32_layout
+from bench_util import SRC, default_workdir, machine, make_family, median, run_with_peak, table, vit_b32_layout
 
 PACT = {"K": 15, "k": 8}
 ENV = {"THP_MEM_ALLOC_ENABLE": "1", "OMP_WAIT_POLICY": "PASSIVE"}  # as pactmerge's command line sets
@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--rows", default=",".join(ROWS))
-    ap.add_argument("--workdir", type=Path, default=Path("/work/bench_tmp/pact_cost"))
+    ap.add_argument("--workdir", type=Path, default=default_workdir("pact_cost"))
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -7,7 +7,7 @@ whole process, with the same merged update (max relative difference beside the t
 Usage (the benchmark venv has fusion_bench; our side runs from this checkout's src/)::
 
     PYTHONPATH=src .venv-bench/bin/python benchmarks/vs_fusion_bench.py \
-        [--repeats 3] [--methods TA,TIES,TSV-M,Iso-C,Iso-CTS] [--workdir /work/bench_tmp/fusion_bench]
+        [--repeats 3] [--methods TA,TIES,TSV-M,Iso-C,Iso-CTS] [--workdir DIR]
 
 Every measurement is a fresh process with one thread (OMP/MKL_NUM_THREADS=1 and
 ``torch.set_num_threads(1)``) and, on both sides, the environment pactmerge's command line sets
@@ -39,6 +39,7 @@ from pathlib import Path
 
 from bench_util import (
     SRC,
+    default_workdir,
     fmt_bytes,
     machine,
     make_family,
@@ -165,7 +166,7 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--methods", default=",".join(CASES))
-    ap.add_argument("--workdir", type=Path, default=Path("/work/bench_tmp/fusion_bench"))
+    ap.add_argument("--workdir", type=Path, default=default_workdir("fusion_bench"))
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()

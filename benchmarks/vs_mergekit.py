@@ -6,7 +6,7 @@ Goal (issue 18): wall time <= 0.5x mergekit's and peak RSS <= 1.0x, TA within 1.
 Usage (the benchmark venv has mergekit; our side runs from this checkout's src/)::
 
     PYTHONPATH=src .venv-bench/bin/python benchmarks/vs_mergekit.py \
-        [--repeats 3] [--layers 22] [--workdir /work/bench_tmp/mergekit] [--keep]
+        [--repeats 3] [--layers 22] [--workdir DIR] [--keep]
 
 Each run is a fresh process with one thread (OMP/MKL_NUM_THREADS=1; mergekit ``-j 1``), the sides
 interleaved (floor, mergekit, pactmerge for every method, repeated); the table has medians. Both
@@ -37,6 +37,7 @@ import yaml
 from bench_util import (
     SRC,
     TINYLLAMA,
+    default_workdir,
     fmt_bytes,
     llama_config,
     llama_layout,
@@ -119,7 +120,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--layers", type=int, default=TINYLLAMA["layers"])
-    ap.add_argument("--workdir", type=Path, default=Path("/work/bench_tmp/mergekit"))
+    ap.add_argument("--workdir", type=Path, default=default_workdir("mergekit"))
     ap.add_argument("--methods", default=",".join(CASES))
     ap.add_argument("--workers", type=int, default=0, help="also time pactmerge --workers N (0: skip)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
