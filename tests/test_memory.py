@@ -73,7 +73,9 @@ def test_peak_memory_is_bounded_by_largest_tensor(big_checkpoints, tmp_path, met
     growth = json.loads(res.stdout.strip().splitlines()[-1])["growth"]
     tensor = ROWS * COLS * 4
     model_size = N_PARAMS * tensor
-    # Inputs of one parameter (T+1), the SVD workspace of a few tensors, one 8 MiB shard buffer.
-    bound = (T + 1) * tensor * 4 + 8 * 2**20 + 24 * 2**20
+    # Inputs of one parameter (T+1), the SVD workspace of a few tensors, one 8 MiB shard buffer, and
+    # 32 MiB for the allocator's granularity (2 MiB huge pages, arenas): PACT-Iso-C measures about
+    # 41 MiB alone and up to 49 MiB in a loaded full run; holding one more model would add 48 MiB.
+    bound = (T + 1) * tensor * 4 + 8 * 2**20 + 32 * 2**20
     assert growth < bound, f"peak growth {growth / 2**20:.1f} MiB > {bound / 2**20:.1f} MiB: {res.stdout}"
     assert growth < 0.4 * (T + 1) * model_size  # nowhere near holding the models
