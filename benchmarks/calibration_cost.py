@@ -31,7 +31,7 @@ CHILD = textwrap.dedent(
                     return int(line.split()[1]) * 1024
     args = json.loads(sys.argv[1])
     torch.set_num_threads(args["threads"])
-    from pactmerge.eval.bench import FROZEN
+    from pactmerge.eval.suites.text import FROZEN
     from pactmerge.eval.bench_calibration import text_calibration
     from pactmerge.eval.finetune import FinetuneConfig, get_finetuned, load_model, load_tokenizer, prepare_base
     from pactmerge.eval.heads import build_head
