@@ -33,7 +33,9 @@ from pactmerge.eval.kinds.common import (
     ModelEvaluator,
     Prepared,
     WeightSwap,
+    base_tokenizer,
     batches,
+    check_split,
     checkpoint_state,
     load_hf,
 )
@@ -62,16 +64,10 @@ class CausalLMData(Prepared):
     kind = "causal-lm"
 
     def __init__(self, spec: EvalSpec):
-        from pactmerge.eval.hf import transformers_module
-
-        tf = transformers_module("kind causal-lm")
         self.spec = spec
         ev = spec.evaluation
         self.tasks = list(ev.tasks)
-        try:
-            self.tokenizer = tf.AutoTokenizer.from_pretrained(str(spec.base))
-        except (OSError, ValueError, TypeError) as e:
-            raise PactMergeError(f"base_model {spec.base}: no tokenizer ({str(e).splitlines()[0]})") from None
+        self.tokenizer = base_tokenizer(spec.base, "causal-lm")
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
@@ -140,8 +136,7 @@ class CausalLMData(Prepared):
         self, task: str, split: str, n: int, batch_size: int, seed: int = 0
     ) -> Iterator[dict[str, Tensor]]:
         """The prompts (exact match) or the prompt + right choice sequences (multiple choice)."""
-        if split not in self.items[task]:
-            raise PactMergeError(f"evaluation.tasks.{task}: no {split} split (see docs/evaluate.md#splits)")
+        check_split(self.items[task], task, split)
         items = self.items[task][split]
         if isinstance(items, ChoiceItems):
             right = [j for j, i in enumerate(items.item_of) if items.choice_of[j] == int(items.answers[i])]

@@ -33,7 +33,9 @@ from pactmerge.eval.kinds.common import (
     ModelEvaluator,
     Prepared,
     WeightSwap,
+    base_tokenizer,
     batches,
+    check_split,
     checkpoint_state,
     classification_score,
     hf_folder,
@@ -87,17 +89,11 @@ class ClipData(Prepared):
     kind = "clip-zero-shot"
 
     def __init__(self, spec: EvalSpec):
-        from pactmerge.eval.hf import transformers_module
-
-        tf = transformers_module("kind clip-zero-shot")
         hf_folder(spec.base, "base_model")
         self.spec = spec
         ev = spec.evaluation
         self.tasks = list(ev.tasks)
-        try:
-            self.tokenizer = tf.AutoTokenizer.from_pretrained(str(spec.base))
-        except (OSError, ValueError, TypeError) as e:
-            raise PactMergeError(f"base_model {spec.base}: no tokenizer ({str(e).splitlines()[0]})") from None
+        self.tokenizer = base_tokenizer(spec.base, "clip-zero-shot")
         size, crop, self.mean, self.std = _preprocessing(spec.base)
         self.classes: dict[str, list[str]] = {}
         self.templates: dict[str, list[str]] = {}
@@ -135,8 +131,7 @@ class ClipData(Prepared):
     def model_inputs(
         self, task: str, split: str, n: int, batch_size: int, seed: int = 0
     ) -> Iterator[dict[str, Tensor]]:
-        if split not in self.images[task]:
-            raise PactMergeError(f"evaluation.tasks.{task}: no {split} split (see docs/evaluate.md#splits)")
+        check_split(self.images[task], task, split)
         images = self.images[task][split][0]
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed)).tolist()[:n]
         for start in range(0, len(order), batch_size):

@@ -181,6 +181,23 @@ def checkpoint_state(
     return {n: t for n, t in mapped.items() if n in names}
 
 
+def base_tokenizer(base: Path, kind: str) -> Any:
+    """The base model folder's tokenizer, or a one-line error naming the folder."""
+    from pactmerge.eval.hf import transformers_module
+
+    tf = transformers_module(f"kind {kind}")
+    try:
+        return tf.AutoTokenizer.from_pretrained(str(base))
+    except (OSError, ValueError, TypeError) as e:
+        raise PactMergeError(f"base_model {base}: no tokenizer ({str(e).splitlines()[0]})") from None
+
+
+def check_split(splits: Collection[str], task: str, split: str) -> None:
+    """Refuse a split the task's data do not have, naming the task."""
+    if split not in splits:
+        raise PactMergeError(f"evaluation.tasks.{task}: no {split} split (see docs/evaluate.md#splits)")
+
+
 def load_hf(class_name: str, folder: Path, device: torch.device, what: str) -> Any:
     """``transformers.<class_name>.from_pretrained(folder)`` in eval mode on ``device`` (float32 on the CPU)."""
     from pactmerge.eval.hf import transformers_module

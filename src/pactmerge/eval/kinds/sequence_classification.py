@@ -33,6 +33,7 @@ from pactmerge.eval.kinds.common import (
     Prepared,
     WeightSwap,
     batches,
+    check_split,
     classification_score,
     hf_folder,
 )
@@ -107,8 +108,7 @@ class SequenceClassificationData(Prepared):
     def model_inputs(
         self, task: str, split: str, n: int, batch_size: int, seed: int = 0
     ) -> Iterator[dict[str, Tensor]]:
-        if split not in self.inputs[task]:
-            raise PactMergeError(f"evaluation.tasks.{task}: no {split} split (see docs/evaluate.md#splits)")
+        check_split(self.inputs[task], task, split)
         encoded, _ = self.inputs[task][split]
         order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(seed)).tolist()[:n]
         for start in range(0, len(order), batch_size):

@@ -26,6 +26,8 @@ from pactmerge.eval.kinds.common import (
     ModelEvaluator,
     Prepared,
     WeightSwap,
+    base_tokenizer,
+    check_split,
     checkpoint_state,
     classification_score,
     load_hf,
@@ -131,16 +133,10 @@ class ZeroShotTextData(Prepared):
     kind = "zero-shot-text"
 
     def __init__(self, spec: EvalSpec):
-        from pactmerge.eval.hf import transformers_module
-
-        tf = transformers_module("kind zero-shot-text")
         self.spec = spec
         ev = spec.evaluation
         self.tasks = list(ev.tasks)
-        try:
-            self.tokenizer = tf.AutoTokenizer.from_pretrained(str(spec.base))
-        except (OSError, ValueError, TypeError) as e:
-            raise PactMergeError(f"base_model {spec.base}: no tokenizer ({str(e).splitlines()[0]})") from None
+        self.tokenizer = base_tokenizer(spec.base, "zero-shot-text")
         self.task_data: dict[str, Task] = {}
         self.sizes: dict[str, dict[str, int]] = {}
         for name, tcfg in ev.tasks.items():
@@ -172,8 +168,7 @@ class ZeroShotTextData(Prepared):
     def model_inputs(
         self, task: str, split: str, n: int, batch_size: int, seed: int = 0
     ) -> Iterator[dict[str, Tensor]]:
-        if split not in self.task_data[task].splits:
-            raise PactMergeError(f"evaluation.tasks.{task}: no {split} split (see docs/evaluate.md#splits)")
+        check_split(self.task_data[task].splits, task, split)
         texts = self.task_data[task].splits[split][0]
         yield from tokenized_batches(self.tokenizer, texts, n, batch_size, self.spec.evaluation.max_length, seed)
 
