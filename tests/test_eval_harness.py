@@ -462,3 +462,64 @@ def test_data_aware_rows_get_training_split_data_only(tiny, monkeypatch):
             used = {tuple(ex["input_ids"].tolist()) for ex in md.examples}
             assert used == split_ids["train"]
             assert not used & (split_ids["validation"] | split_ids["test"])
+
+
+class _MaskSizeEvaluator(_RecordingEvaluator):
+    """Validation scores that t1 rises and t2 falls with the share of nonzero entries in the
+    weights it is scored with; both prefer alpha near 1."""
+
+    def scores(self, split, tasks=None):
+        super().scores(split, tasks)
+        names = list(tasks) if tasks is not None else self.tasks
+        vecs = [v for v in self.current.values() if v.is_floating_point()]
+        share = sum(int((v != 0).sum()) for v in vecs) / max(1, sum(v.numel() for v in vecs))
+        return {t: (share if t == "t1" else 1.0 - share) - (self.alpha - 1.0) ** 2 for t in names}
+
+
+def test_consensus_row_chooses_each_tasks_lambda_on_validation(tiny):
+    """A row with a lambda grid picks lambda_t per task from the TALL-masked models' validation
+    scores (smaller lambda keeps more entries: t1 gets the grid's smallest, t2 its largest), then
+    merges Consensus with those per-model lambdas: the scored vector equals that merge done directly."""
+    from pactmerge.eval import rows as bench_rows
+    from pactmerge.eval.harness import BenchSuite, merge_for_scoring, run_rows
+    from pactmerge.eval.suites.text import FROZEN
+
+    _, tasks, _ = tiny
+    report = run_bench(_cfg(tiny, methods=("finetuned",)), log=lambda m: None, tasks=tasks)
+    ft_paths = {n: Path(p) for n, p in report["finetuned_models"].items()}
+    base = Path(report["base_model"])
+    ev = _MaskSizeEvaluator(ft_paths)
+    suite = BenchSuite(ev, base, ft_paths, FROZEN, load_finetuned=lambda name: None)
+    row = next(r for r in bench_rows.survey_rows(4, 2) if r.key == "consensus-ties-val")
+    assert row.lambda_grid == bench_rows.TALL_LAMBDA_GRID
+    row = replace(row, params={"base_method": "task_arithmetic"}, lambda_grid=(0.2, 0.4, 0.6))
+    results, _ = run_rows(suite, [row], search=None, log=lambda m: None)
+    out = results[0]
+    assert "skipped" not in out, out.get("skipped")
+    assert out["task_lambdas"] == {"t1": 0.2, "t2": 0.6}
+    val = out["lambda_validation"]
+    assert set(val) == {"0.2", "0.4", "0.6"}
+    assert val["0.2"]["t1"] > val["0.6"]["t1"] and val["0.6"]["t2"] > val["0.2"]["t2"]
+
+    cfg = bench_rows.row_config(row, base, list(ft_paths.values()), FROZEN, "float32")
+    cfg["models"] = [
+        {"model": str(ft_paths["t1"]), "parameters": {"lambda": 0.2}},
+        {"model": str(ft_paths["t2"]), "parameters": {"lambda": 0.6}},
+    ]
+    direct = merge_for_scoring(cfg, list(ft_paths)).shared
+    alpha, scored = ev.seen[("test", "t1")]
+    assert alpha == pytest.approx(out["alpha"])
+    assert set(scored) == set(direct)
+    for name in direct:
+        torch.testing.assert_close(scored[name], direct[name], atol=0, rtol=0)
+    uniform = dict(
+        cfg, models=[str(p) for p in ft_paths.values()], parameters={"base_method": "task_arithmetic", "lambda": 0.6}
+    )
+    assert any(not torch.equal(direct[n], v) for n, v in merge_for_scoring(uniform, list(ft_paths)).shared.items())
+
+
+def test_choose_task_lambdas_refuses_an_empty_grid():
+    from pactmerge.eval.harness import choose_task_lambdas
+
+    with pytest.raises(ValueError, match="non-empty lambda grid"):
+        choose_task_lambdas(_RecordingEvaluator(["t1"]), {}, ["t1"], [])

@@ -140,7 +140,8 @@ def bench_command(
         " rows that never run by default: data-aware emr, pave-emr, pave-ta, pave-ties, regmean, fisher,"
         " pave-pact-ta, pact-pave-ta (calibration on the training split); survey breadcrumbs, della, pcb, star,"
         " cart, wudi (each also as pact-<key>), wudi-exact, model-stock, pact-model-stock, consensus-ties,"
-        " pact-consensus, pact-ties, pact-isocts, nan, pact-nan, tall-masks, tsv-c (docs/benchmark_results.md).",
+        " pact-consensus, consensus-ties-val and pact-consensus-ties-val (per-task lambda on validation),"
+        " pact-ties, pact-isocts, nan, pact-nan, tall-masks, tsv-c (docs/benchmark_results.md).",
     ),
     steps: int = typer.Option(None, help="Fine-tuning steps per task (default 120, image 300; 30 with --quick)."),
     seed: int = typer.Option(0, help="Fine-tuning seed."),

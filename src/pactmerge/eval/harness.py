@@ -196,6 +196,35 @@ def merge_for_scoring(
     return MergeResult(shared, per_task, time.perf_counter() - t0, cal_s, cal_n)
 
 
+def choose_task_lambdas(
+    evaluator: Evaluator,
+    merge_cfg: Mapping[str, Any],
+    tasks: Sequence[str],
+    grid: Sequence[float],
+    progress: bool = False,
+) -> tuple[dict[str, float], dict[float, dict[str, float]]]:
+    """Each task's TALL-mask ``lambda_t``, chosen on its validation split as Wang et al. do
+    ("Localizing task information for improved model merging and compression", arXiv:2405.07813,
+    Sec. 4) before a Consensus merge.
+
+    For every ``lambda`` in ``grid``: the ``tall_masks`` merge of ``merge_cfg``'s models, filters and
+    base method at that ``lambda``, and task t's own model ``theta_0 + m_t * tau_MTL`` scored on t's
+    validation split at alpha = 1 (a TALL-masked model stands for the task's fine-tune at unit scale,
+    as in the paper). ``lambda_t`` is the best-scoring value, the first in ``grid`` order on a tie.
+    Returns ``({task: lambda_t}, {lambda: {task: validation score}})``.
+    """
+    if not grid:
+        raise ValueError("choose_task_lambdas needs a non-empty lambda grid")
+    params = {k: v for k, v in merge_cfg.get("parameters", {}).items() if k != "k"}  # k: Consensus's vote only
+    scores: dict[float, dict[str, float]] = {}
+    for lam in grid:
+        cfg = {**merge_cfg, "method": "tall_masks", "parameters": {**params, "lambda": lam}}
+        result = merge_for_scoring(cfg, tasks, progress)
+        scores[lam] = scores_at(evaluator, result.merged, 1.0, ["validation"])["validation"]
+    chosen = {t: max(grid, key=lambda lam: (scores[lam][t], -list(grid).index(lam))) for t in tasks}
+    return chosen, scores
+
+
 # -- result rows -------------------------------------------------------------------------------------
 
 
@@ -321,7 +350,20 @@ def run_rows(
         if needs and suite.calibration_data is not None:
             mcfg["calibration"] = dict(suite.calibration)
             data = suite.calibration_data()
+        lambda_extra: dict[str, Any] = {}  # the per-task lambda choice of a Consensus row
         try:
+            if row.lambda_grid:
+                t_lam = time.perf_counter()
+                lambdas, lambda_scores = choose_task_lambdas(ev, mcfg, tasks, row.lambda_grid, progress)
+                mcfg["models"] = [
+                    {"model": m, "parameters": {"lambda": lambdas[t]}} for m, t in zip(mcfg["models"], tasks)
+                ]
+                lambda_extra = {
+                    "task_lambdas": lambdas,
+                    "lambda_validation": {f"{lam:g}": sc for lam, sc in lambda_scores.items()},
+                    "lambda_seconds": round(time.perf_counter() - t_lam, 2),
+                }
+                log(f"{row.label}: lambda_t on validation " + ", ".join(f"{t} {lambdas[t]:g}" for t in tasks))
             outcome = merge_for_scoring(mcfg, tasks, progress, data)
             t1 = time.perf_counter()
             scored = evaluate_merge(ev, outcome.merged, row.fixed_alpha, search, progress)
@@ -332,6 +374,7 @@ def run_rows(
         eval_s = time.perf_counter() - t1
         merge_s = outcome.seconds - outcome.calibration_seconds
         extra: dict[str, Any] = {"per_task": outcome.per_task is not None}
+        extra.update(lambda_extra)
         if needs:
             extra.update(
                 calibration=mcfg["calibration"],

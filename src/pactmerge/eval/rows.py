@@ -25,6 +25,14 @@ class Row:
     params: dict = field(default_factory=dict)
     filters: tuple[tuple[str, dict], ...] = ()
     fixed_alpha: float | None = None  # no search (weight averaging is alpha = 1 by definition)
+    # Consensus / TALL masks: each task's lambda_t chosen on its validation split from this grid
+    # before the merge (harness.choose_task_lambdas); () = the method's lambda for every task.
+    lambda_grid: tuple[float, ...] = ()
+
+
+# Wang et al.'s grid for lambda_t ("Localizing task information for improved model merging and
+# compression", arXiv:2405.07813, Sec. 4).
+TALL_LAMBDA_GRID = (0.2, 0.3, 0.4, 0.5, 0.6)
 
 
 def _pact(K: int, k: int) -> tuple[str, dict]:
@@ -98,6 +106,21 @@ def survey_rows(K: int = 15, k: int = 8) -> list[Row]:
     rows += [
         Row("consensus-ties", "Consensus TIES", ("consensus",), {"base_method": "ties"}),
         Row("pact-consensus", "PACT-Consensus TA", ("consensus", "consensus_ta"), filters=pact),
+        Row(
+            "consensus-ties-val",
+            "Consensus TIES (λ_t on validation)",
+            ("consensus",),
+            {"base_method": "ties"},
+            lambda_grid=TALL_LAMBDA_GRID,
+        ),
+        Row(
+            "pact-consensus-ties-val",
+            "PACT-Consensus TIES (λ_t on validation)",
+            ("consensus",),
+            {"base_method": "ties"},
+            pact,
+            lambda_grid=TALL_LAMBDA_GRID,
+        ),
         Row("model-stock", "Model Stock", ("model_stock",), fixed_alpha=1.0),
         Row("pact-model-stock", "PACT-Model Stock", ("model_stock",), filters=pact, fixed_alpha=1.0),
         Row("nan", "NAN-TA", ("task_arithmetic",), filters=(("nan", {}),)),
