@@ -338,7 +338,9 @@ def test_catalogue_rows_are_named_by_methods_only():
         bench_rows.select_rows(default, ["emr", "nosuch"], extra)
     keys = [r.key for r in extra]
     assert len(keys) == len(set(keys))
-    for row in bench_rows.data_aware_rows(4, 2) + bench_rows.survey_rows(4, 2):  # every row's method/filters exist
+    for row in (
+        bench_rows.data_aware_rows(4, 2) + bench_rows.survey_rows(4, 2) + bench_rows.rsvd_rows(4, 2)
+    ):  # every row's method/filters exist
         assert isinstance(bench_rows.row_config(row, Path("b"), [Path("m")], [], "float32"), dict), row.key
     assert bench_rows.row_needs(next(r for r in extra if r.key == "fisher")) == ("fisher",)
     assert bench_rows.row_needs(next(r for r in extra if r.key == "pact-pave-ta")) == ("covariance",)
@@ -523,3 +525,38 @@ def test_choose_task_lambdas_refuses_an_empty_grid():
 
     with pytest.raises(ValueError, match="non-empty lambda grid"):
         choose_task_lambdas(_RecordingEvaluator(["t1"]), {}, ["t1"], [])
+
+
+def test_rsvd_rows_reuse_the_exact_rows_alpha(tiny):
+    """A randomized-SVD row is scored at the alpha its exact row chose in the same run (PACT paper,
+    Table 6), with the randomized option in its config; alone, it is skipped with the reason."""
+    from pactmerge.eval import rows as bench_rows
+    from pactmerge.eval.harness import BenchSuite, run_rows
+    from pactmerge.eval.suites.text import FROZEN
+
+    _, tasks, _ = tiny
+    report = run_bench(_cfg(tiny, methods=("finetuned",)), log=lambda m: None, tasks=tasks)
+    ft_paths = {n: Path(p) for n, p in report["finetuned_models"].items()}
+    base = Path(report["base_model"])
+    catalogue = bench_rows.catalogue_rows(4, 2)
+    picked = bench_rows.select_rows(bench_rows.default_rows(4, 2), ["pact-tsvm-rsvd", "pact-tsvm"], catalogue)
+    assert [r.key for r in picked] == ["pact-tsvm", "pact-tsvm-rsvd"]  # the exact row runs first
+
+    class ShiftedEvaluator(_RecordingEvaluator):  # the search's best alpha is 1.4, far from a grid edge
+        def scores(self, split, tasks=None):
+            out = super().scores(split, tasks)
+            return dict.fromkeys(out, 1.0 - (self.alpha - 1.4) ** 2)
+
+    ev = ShiftedEvaluator(ft_paths)
+    suite = BenchSuite(ev, base, ft_paths, FROZEN, load_finetuned=lambda name: None)
+    results, _ = run_rows(suite, picked, search=None, log=lambda m: None)
+    exact, rand = results
+    assert "skipped" not in exact and "skipped" not in rand, (exact.get("skipped"), rand.get("skipped"))
+    assert exact["alpha"] == pytest.approx(1.4)
+    assert rand["alpha"] == exact["alpha"] and rand["alpha_label"].endswith("(as pact-tsvm)")
+    assert rand["alpha_trace"] == [] and len(exact["alpha_trace"]) > 1  # no search of its own
+    assert rand["parameters"]["svd"] == "randomized" and rand["filters"][0]["pact"]["svd"] == "randomized"
+    assert "svd" not in exact["parameters"]
+
+    alone, _ = run_rows(suite, picked[1:], search=None, log=lambda m: None)
+    assert "pact-tsvm" in alone[0]["skipped"] and "has not run before it" in alone[0]["skipped"]

@@ -141,7 +141,9 @@ def bench_command(
         " pave-pact-ta, pact-pave-ta (calibration on the training split); survey breadcrumbs, della, pcb, star,"
         " cart, wudi (each also as pact-<key>), wudi-exact, model-stock, pact-model-stock, consensus-ties,"
         " pact-consensus, consensus-ties-val and pact-consensus-ties-val (per-task lambda on validation),"
-        " pact-ties, pact-isocts, nan, pact-nan, tall-masks, tsv-c (docs/benchmark_results.md).",
+        " pact-ties, pact-isocts, nan, pact-nan, tall-masks, tsv-c; randomized SVD tsvm-rsvd, pact-ta-rsvd,"
+        " pact-tsvm-rsvd, pact-isoc-rsvd (each at the alpha of its exact row, which must run too;"
+        " docs/benchmark_results.md).",
     ),
     steps: int = typer.Option(None, help="Fine-tuning steps per task (default 120, image 300; 30 with --quick)."),
     seed: int = typer.Option(0, help="Fine-tuning seed."),

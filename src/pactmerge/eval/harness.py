@@ -337,11 +337,14 @@ def run_rows(
 
     models = [suite.finetuned[n] for n in tasks]
     merge_rows = [r for r in rows if r.methods]
+    chosen_alpha: dict[str, float] = {}  # row key -> its alpha, for the rows that reuse it (alpha_of)
     for row in tqdm(merge_rows, desc="merge rows", unit="row", disable=not progress, file=sys.stderr):
         mcfg = row_config(row, suite.base_path, models, suite.exclude, dtype)
         needs = row_needs(row)
         if needs and suite.calibration_data is None and not isinstance(mcfg, str):
             mcfg = f"needs calibration statistics ({', '.join(needs)}); this suite has no calibration data"
+        if row.alpha_of is not None and row.alpha_of not in chosen_alpha and not isinstance(mcfg, str):
+            mcfg = f"scored at the alpha of row {row.alpha_of}, which has not run before it (add it to --methods)"
         if isinstance(mcfg, str):
             log(f"skip {row.label}: {mcfg}")
             results.append({"key": row.key, "label": row.label, "skipped": mcfg})
@@ -366,7 +369,8 @@ def run_rows(
                 log(f"{row.label}: lambda_t on validation " + ", ".join(f"{t} {lambdas[t]:g}" for t in tasks))
             outcome = merge_for_scoring(mcfg, tasks, progress, data)
             t1 = time.perf_counter()
-            scored = evaluate_merge(ev, outcome.merged, row.fixed_alpha, search, progress)
+            fixed = chosen_alpha[row.alpha_of] if row.alpha_of is not None else row.fixed_alpha
+            scored = evaluate_merge(ev, outcome.merged, fixed, search, progress)
         except Exception as e:  # one broken method must not cost the whole (long) run
             log(f"error in {row.label}: {type(e).__name__}: {e}")
             results.append({"key": row.key, "label": row.label, "skipped": f"error: {type(e).__name__}: {e}"})
@@ -375,6 +379,9 @@ def run_rows(
         merge_s = outcome.seconds - outcome.calibration_seconds
         extra: dict[str, Any] = {"per_task": outcome.per_task is not None}
         extra.update(lambda_extra)
+        if row.alpha_of is not None:
+            extra.update(alpha_of=row.alpha_of, alpha_label=f"{scored.choice.label()} (as {row.alpha_of})")
+        chosen_alpha[row.key] = scored.choice.alpha
         if needs:
             extra.update(
                 calibration=mcfg["calibration"],
@@ -388,7 +395,7 @@ def run_rows(
                 scored.test,
                 scored.validation,
                 scored.choice,
-                row.fixed_alpha is not None,
+                fixed is not None,
                 method=mcfg["method"],
                 parameters=mcfg["parameters"],
                 filters=mcfg["filters"],

@@ -28,6 +28,9 @@ class Row:
     # Consensus / TALL masks: each task's lambda_t chosen on its validation split from this grid
     # before the merge (harness.choose_task_lambdas); () = the method's lambda for every task.
     lambda_grid: tuple[float, ...] = ()
+    # Score at the alpha chosen for the row with this key earlier in the same run, instead of a
+    # search: randomized against exact SVD at the same K, k and alpha (PACT paper, Table 6).
+    alpha_of: str | None = None
 
 
 # Wang et al.'s grid for lambda_t ("Localizing task information for improved model merging and
@@ -130,9 +133,38 @@ def survey_rows(K: int = 15, k: int = 8) -> list[Row]:
     return rows
 
 
+def rsvd_rows(K: int = 15, k: int = 8) -> list[Row]:
+    """The randomized-SVD variants (PACT paper, App. B Eqs. 34-36: Efficient TSV-M, PACT-TA,
+    PACT-TSV-M, PACT-Iso-C), each scored at the alpha its exact row chose in the same run
+    (the paper's Table 6: "under exactly the same hyperparameters (K, k, alpha)")."""
+    rand: dict[str, Any] = {"svd": "randomized"}
+    pact = (("pact", {"K": K, "k": k, **rand}),)
+    return [
+        Row("tsvm-rsvd", "TSV-M (randomized SVD)", ("tsv_m",), rand, alpha_of="tsvm"),
+        Row("pact-ta-rsvd", "PACT-TA (randomized SVD)", ("task_arithmetic",), filters=pact, alpha_of="pact-ta"),
+        Row(
+            "pact-tsvm-rsvd",
+            "PACT-TSV-M (randomized SVD)",
+            ("tsv_m",),
+            {"rank_aware": True, **rand},
+            pact,
+            alpha_of="pact-tsvm",
+        ),
+        Row(
+            "pact-isoc-rsvd",
+            "PACT-Iso-C (randomized SVD)",
+            ("iso_c",),
+            {"rank_aware": True},
+            pact,
+            alpha_of="pact-isoc",
+        ),
+    ]
+
+
 def catalogue_rows(K: int = 15, k: int = 8) -> list[Row]:
-    """Every row ``--methods`` can name: the default rows, then the data-aware and the survey rows."""
-    return default_rows(K, k) + data_aware_rows(K, k) + survey_rows(K, k)
+    """Every row ``--methods`` can name: the default rows, then the data-aware, the survey and the
+    randomized-SVD rows (after the exact rows whose alpha they reuse)."""
+    return default_rows(K, k) + data_aware_rows(K, k) + survey_rows(K, k) + rsvd_rows(K, k)
 
 
 def lora_rows(K: int = 7, k: int = 4, dare_p: float = 0.5) -> list[Row]:
