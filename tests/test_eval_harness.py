@@ -276,6 +276,10 @@ def test_bench_suite_option_selects_the_named_tasks():
     assert demo.per_class is None and demo.search is None  # the whole validation split, the bench's rule
     _, lora = bench_plan(lora=True, steps=9, progress=False)
     assert lora.lora.steps == 9 and (lora.K, lora.k) == (7, 4) and lora.out_dir == Path("bench_out_lora")
+    assert cfg.threads == 2 and bench_plan(suite="text20", threads=1, progress=False)[1].threads == 1
+    assert bench_plan(suite="image", threads=2, progress=False)[1].threads == 2
+    with pytest.raises(ValueError, match="--threads must be at least 1, got 0"):
+        bench_plan(suite="text6", threads=0, progress=False)
 
 
 def test_bench_suite_image_goes_to_the_image_suite():

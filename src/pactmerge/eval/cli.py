@@ -45,14 +45,18 @@ def bench_plan(
     progress: bool = True,
     lora: bool = False,
     image_head: str | None = None,
+    threads: int | None = None,
 ) -> tuple[Callable[..., dict], Any]:
     """``(run, config)`` of a ``pactmerge bench`` command line: ``run(config, log=...)`` runs it.
     Flags that do not go together are refused (ValueError)."""
     rank = _pact_rank(pact_rank)
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
     if suite == "image":  # the CNN suite (eval/suites/image.py)
         if lora or tasks or quick or preset:
             raise ValueError(
-                "--suite image takes --methods, --steps, --seed, --cache-dir, --out, --pact-rank, --alpha-max only"
+                "--suite image takes --methods, --steps, --seed, --cache-dir, --out, --pact-rank, --alpha-max,"
+                " --threads only"
             )
         from pactmerge.eval.suites.image import HeadConfig, ImageBenchConfig, run_image_bench
 
@@ -69,6 +73,8 @@ def bench_plan(
             icfg = replace(icfg, K=rank[0], k=rank[1])
         if image_head:
             icfg = replace(icfg, head=HeadConfig(kind=image_head))
+        if threads is not None:
+            icfg = replace(icfg, threads=threads)
         return run_image_bench, icfg
     if image_head:
         raise ValueError("--image-head is for --suite image only")
@@ -108,6 +114,8 @@ def bench_plan(
         cfg = replace(cfg, tasks=_csv(tasks) or ())
     if methods:
         cfg = replace(cfg, methods=_csv(methods))
+    if threads is not None:
+        cfg = replace(cfg, threads=threads)
     return run_text_bench, cfg
 
 
@@ -160,6 +168,9 @@ def bench_command(
     progress: bool = typer.Option(sys.stderr.isatty(), "--progress/--no-progress", help="Show progress bars."),
     lora: bool = typer.Option(False, "--lora", help="LoRA benchmark: rank-16 PEFT adapters, merged in low-rank form."),
     image_head: str = typer.Option(None, help="--suite image only: the frozen task heads, cosine (default) or probe."),
+    threads: int = typer.Option(
+        None, help="CPU threads for torch (default 2 for the text suites, 1 for image; 1 when two runs share 2 cores)."
+    ),
 ):
     """Fine-tune MiniLM on six built-in tasks, merge with every method, report accuracy (offline, CPU)."""
     try:
@@ -177,6 +188,7 @@ def bench_command(
             progress=progress,
             lora=lora,
             image_head=image_head,
+            threads=threads,
         )
     except (PactMergeError, ValueError) as e:
         _fail(e)
