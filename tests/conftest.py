@@ -61,3 +61,13 @@ def decaying(rng, m, n, decay=0.8, scale=1.0):
 
 def t64(a):
     return torch.from_numpy(np.ascontiguousarray(a)).to(torch.float64)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_stats_cache(tmp_path_factory):
+    """Calibration statistics computed by the tests go to a temporary folder, never the user's
+    ``~/.cache/pactmerge/stats`` (the benchmarks' cache)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("PACTMERGE_STATS_CACHE", str(tmp_path_factory.mktemp("stats-cache")))
+    yield
+    patch.undo()

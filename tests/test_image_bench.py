@@ -327,3 +327,46 @@ def test_run_image_bench_report_works_with_markdown_table(tmp_path):
     assert (tmp_path / "out" / "results.json").exists() and (
         tmp_path / "out" / "results.md"
     ).read_text().strip() == table
+
+
+def test_image_bench_data_aware_rows_calibrate_on_the_training_images(tmp_path):
+    """PAVE, RegMean and Fisher rows run on the image suite: each fine-tune's statistics come from
+    its own task's training images (never validation or test), through the fine-tune as trained."""
+    weights = _random_weights(tmp_path)
+    tasks = {"a": _tiny_task("a", 3, seed=1), "b": _tiny_task("b", 4, seed=2, rgb=True)}
+    cfg = ib.ImageBenchConfig(
+        tasks=tuple(tasks),
+        methods=("finetuned", "pave-ta", "regmean", "fisher"),
+        finetune=ib.ImageFinetuneConfig(steps=2, batch_size=4),
+        cache_dir=tmp_path / "cache",
+        out_dir=None,
+        alpha_max=3.0,
+        progress=False,
+        chart=False,
+    )
+    report = ib.run_image_bench(cfg, log=lambda m: None, tasks=tasks, weights=weights)
+    rows = {r["key"]: r for r in report["rows"]}
+    assert not [r for r in rows.values() if "skipped" in r], [r.get("skipped") for r in rows.values()]
+    for key in ("pave-ta", "regmean", "fisher"):
+        assert rows[key]["calibration_examples"] == [len(tasks[t].splits["train"][1]) for t in tasks]
+
+    base = ib.prepare_image_base(tmp_path / "cache", weights)
+    net = ib.build_network(32)
+    net.load_state_dict(base.reference)
+    heads = ib.get_heads(tasks, net, base, ib.HeadConfig(), tmp_path / "cache", 32)
+    ft = {n: Path(p) for n, p in report["finetuned_models"].items()}
+    data = ib.image_calibration(tasks, ft, heads, base, 32)
+    for (name, task), md in zip(tasks.items(), data):
+        used = {ex["pixel_values"].numpy().tobytes() for ex in md.examples}
+        split = {s: {x.numpy().tobytes() for x in to_input(task.splits[s][0], 32)} for s in task.splits}
+        assert used == split["train"] and not used & (split["validation"] | split["test"])
+        model = md.load_model()
+        tuned = ib.load_merge_state(ft[name])
+        w = "_blocks.3._expand_conv.weight"
+        assert torch.equal(dict(model.named_parameters())[w].detach().reshape(tuned[w].shape), tuned[w])
+        assert not model.training
+        batch = {k: torch.stack([torch.as_tensor(ex[k]) for ex in md.examples[:2]]) for k in ("pixel_values", "labels")}
+        expected = F.cross_entropy(
+            ib.head_logits(ib.features(model, batch["pixel_values"]), heads[name]), batch["labels"]
+        )
+        torch.testing.assert_close(md.loss(model, batch), expected)

@@ -437,6 +437,65 @@ def get_heads(
     return heads
 
 
+# -- calibration data (data-aware rows) ------------------------------------------------------------
+
+
+def image_calibration(
+    tasks: Mapping[str, ImageTask],
+    models: Mapping[str, Path],
+    heads: Mapping[str, dict[str, Tensor]],
+    base: ImageBase,
+    image_size: int,
+    seed: int = 0,
+) -> list[Any]:
+    """One :class:`pactmerge.stats.ModelData` per task, in ``tasks`` order, for the data-aware rows
+    (PAVE, RegMean, Fisher): the task's *training* images in a seeded random order (the pass takes
+    the first N), run through that task's fine-tune as it was trained -- BatchNorm in inference
+    mode with the pretrained statistics -- up to the pooled features. The hooks see the 1 x 1
+    convolutions (the merge's matrices); the Fisher loss is the fine-tunes' training loss, the
+    cross-entropy of the frozen head's logits with the true label, and the head's hash is the
+    data's ``tag``."""
+    from pactmerge.stats import ModelData
+
+    out = []
+    for name, task in tasks.items():
+        x, y = task.splits["train"]
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).tolist()
+        pixels = to_input(x[order], image_size)
+        examples = [{"pixel_values": pixels[j], "labels": y[i]} for j, i in enumerate(order)]
+        head = {n: t.detach() for n, t in heads[name].items()}
+        out.append(
+            ModelData(
+                examples=examples,
+                load_model=_finetune_loader(Path(models[name]), base, image_size),
+                forward=_pooled_features,
+                loss=_head_loss(head),
+                tag="image-head:" + head_digest(head),
+            )
+        )
+    return out
+
+
+def _pooled_features(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    return features(model, batch["pixel_values"])
+
+
+def _head_loss(head: dict[str, Tensor]) -> Callable[[nn.Module, dict[str, Tensor]], Tensor]:
+    def loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        return F.cross_entropy(head_logits(features(model, batch["pixel_values"]), head), batch["labels"].reshape(-1))
+
+    return loss
+
+
+def _finetune_loader(path: Path, base: ImageBase, image_size: int) -> Callable[[], nn.Module]:
+    def load() -> nn.Module:
+        net = build_network(image_size)
+        net.load_state_dict(unsqueeze_1x1(load_merge_state(path), base.reference))
+        return net.eval()
+
+    return load
+
+
 # -- evaluation ------------------------------------------------------------------------------------
 
 
@@ -546,6 +605,8 @@ class ImageBenchConfig:
     threads: int | None = 1
     progress: bool = True
     chart: bool = True
+    # Data-aware rows: N training images per task (fewer when a task's training split is smaller).
+    calibration_samples: int = 512
 
 
 def run_image_bench(
@@ -605,6 +666,13 @@ def run_image_bench(
             bv[name] = evaluator.scores("validation", [name])[name]
         return [zs, result_row("finetuned-bn", f"fine-tuned, BN re-estimated ({cfg.bn})", bt, bv)]
 
+    calibration: list[Any] = []
+
+    def calibration_data() -> list[Any]:  # built once, for the first row that needs it
+        if not calibration:
+            calibration.extend(image_calibration(tasks, ft_paths, heads, base, cfg.image_size, cfg.finetune.seed))
+        return calibration
+
     head_name = "linear probe" if cfg.head.kind == "probe" else "cosine class-mean head"
     suite = BenchSuite(
         evaluator=evaluator,
@@ -618,6 +686,8 @@ def run_image_bench(
         zero_shot_validation=True,
         extra_references=bn_references,
         row_extra={"bn": cfg.bn},
+        calibration_data=calibration_data,
+        calibration={"samples": cfg.calibration_samples, "allow_fewer": True},
     )
 
     def report(results: list[dict], ft_test: Mapping[str, float]) -> dict:
