@@ -221,7 +221,7 @@ def choose_task_lambdas(
         cfg = {**merge_cfg, "method": "tall_masks", "parameters": {**params, "lambda": lam}}
         result = merge_for_scoring(cfg, tasks, progress)
         scores[lam] = scores_at(evaluator, result.merged, 1.0, ["validation"])["validation"]
-    chosen = {t: max(grid, key=lambda lam: (scores[lam][t], -list(grid).index(lam))) for t in tasks}
+    chosen = {t: max(grid, key=lambda lam: scores[lam][t]) for t in tasks}  # max keeps the first of equals
     return chosen, scores
 
 
