@@ -409,9 +409,14 @@ def test_task_specific_row_scores_each_task_with_its_own_vector(tiny):
     ev = _RecordingEvaluator(ft_paths)
     suite = BenchSuite(ev, base, ft_paths, FROZEN, load_finetuned=lambda name: None)
     emr = [r for r in bench_rows.data_aware_rows(4, 2) if r.key == "emr"]
-    results, _ = run_rows(suite, emr, search=None, log=lambda m: None)
+    logged: list[str] = []
+    results, _ = run_rows(suite, emr, search=None, log=logged.append)
     row = results[0]
     assert "skipped" not in row and row["per_task"] is True and row["alpha"] == pytest.approx(1.0)
+    # A line when the merge ends (before the long alpha search), then the row's result line.
+    stages = [m for m in logged if m.startswith(row["label"] + ":")]
+    assert len(stages) == 2 and "merged in" in stages[0] and "choosing alpha" in stages[0]
+    assert "avg test" in stages[1]
 
     base_sd = load_file(str(base / "model.safetensors"))
     ft_sds = [load_file(str(p / "model.safetensors")) for p in ft_paths.values()]

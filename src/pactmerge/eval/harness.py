@@ -370,6 +370,9 @@ def run_rows(
             outcome = merge_for_scoring(mcfg, tasks, progress, data)
             t1 = time.perf_counter()
             fixed = chosen_alpha[row.alpha_of] if row.alpha_of is not None else row.fixed_alpha
+            # A line per stage: an alpha search can take many minutes, and a log file would be silent.
+            next_stage = "choosing alpha on validation" if fixed is None else f"scoring at alpha {fixed:g}"
+            log(f"{row.label}: merged in {outcome.seconds:.1f}s; {next_stage}")
             scored = evaluate_merge(ev, outcome.merged, fixed, search, progress)
         except Exception as e:  # one broken method must not cost the whole (long) run
             log(f"error in {row.label}: {type(e).__name__}: {e}")
