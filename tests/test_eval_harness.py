@@ -567,5 +567,10 @@ def test_rsvd_rows_reuse_the_exact_rows_alpha(tiny):
     assert rand["parameters"]["svd"] == "randomized" and rand["filters"][0]["pact"]["svd"] == "randomized"
     assert "svd" not in exact["parameters"]
 
+    results_log: list[str] = []
+    run_rows(suite, picked, search=None, log=results_log.append)
+    rand_lines = [m for m in results_log if m.startswith(rand["label"] + ":")]
+    assert "scoring at alpha 1.4" in rand_lines[0] and "alpha fixed" in rand_lines[1]
+
     alone, _ = run_rows(suite, picked[1:], search=None, log=lambda m: None)
     assert "pact-tsvm" in alone[0]["skipped"] and "has not run before it" in alone[0]["skipped"]

@@ -409,9 +409,10 @@ def run_rows(
             )
         )
         cal = f", calibration {outcome.calibration_seconds:.1f}s" if needs else ""
+        searched = "alpha fixed" if fixed is not None else f"{len(scored.choice.trace)} alphas"
         log(
             f"{row.label}: alpha {scored.choice.label()} avg test {100 * mean(scored.test.values()):.1f}"
-            f"  (merge {merge_s:.1f}s{cal}, {len(scored.choice.trace)} alphas, {eval_s:.0f}s eval)"
+            f"  (merge {merge_s:.1f}s{cal}, {searched}, {eval_s:.0f}s eval)"
         )
         del outcome
         if checkpoint is not None:
