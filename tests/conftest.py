@@ -71,3 +71,12 @@ def _private_stats_cache(tmp_path_factory):
     patch.setenv("PACTMERGE_STATS_CACHE", str(tmp_path_factory.mktemp("stats-cache")))
     yield
     patch.undo()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_spill_dir(tmp_path_factory):
+    """Spilled task vectors (pactmerge.spill) go to a temporary folder, never ``~/.cache/pactmerge``."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("PACTMERGE_SPILL_DIR", str(tmp_path_factory.mktemp("spill")))
+    yield
+    patch.undo()

@@ -30,6 +30,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -48,6 +49,7 @@ from pactmerge.modulators import MethodResult, Modulator, map_updates, split_res
 from pactmerge.pipeline import Pipeline, Stage
 from pactmerge.plan import Plan, build_plan, check_finite, make_context
 from pactmerge.registry import ParamContext, ParamInfo
+from pactmerge.spill import FilteredSpill, spill_bytes, spill_dir, spill_fits
 from pactmerge.stats import Calibration, ModelData, plan_calibration
 
 
@@ -292,7 +294,9 @@ def prepare_stats(inputs: MergeInputs, device: torch.device, progress: bool = Fa
     A pre filter's ``prepare`` sees the task vectors after the pre filters before it; the method's
     and the post filters' see them after every pre filter. Returns ``{stage name: stats}``. With a
     ``backend`` (:mod:`pactmerge.backends`) the reads and pre filters of each pass run in its
-    workers, ahead of the statistics, in the plan's order.
+    workers, ahead of the statistics, in the plan's order. After a stage's first full pass, its
+    later passes read the filtered task vectors from a spill on disk instead of running the pre
+    filters again (:mod:`pactmerge.spill`; only when it fits on the disk).
     """
     from pactmerge.backends import sequential
 
@@ -311,25 +315,58 @@ def prepare_stats(inputs: MergeInputs, device: torch.device, progress: bool = Fa
             ctx = param_context(inputs, info, stats, device)
             return ctx, p.base, accepted(stage, apply_filters(pre[:position], p.base, p.deltas, ctx))
 
-        def stream(stage=stage, filtered=filtered):
+        # Later passes read the filtered task vectors back instead of filtering again (pactmerge.spill).
+        where = _spill_dir(inputs, merged_params) if position > 0 else None
+        spill = FilteredSpill(where) if where is not None else None
+
+        def stream(stage=stage, filtered=filtered, spill=spill):
             # Each iteration over the stream is one full pass, with its own progress bar.
-            results = backend.imap(
-                merged_params,
-                lambda info: read_parameter(inputs, info, device, lowrank=True),
-                filtered,
-                cost=lambda info: param_cost(inputs, info),
-            )
             desc = f"{stage.name}: statistics pass"
             bar = tqdm(total=len(merged_params), desc=desc, unit="param", disable=not progress, file=sys.stderr)
             with bar:
+                if spill is not None and spill.complete and not spill.disabled:
+                    for info in merged_params:
+                        ctx = param_context(inputs, info, stats, device)
+                        yield ctx, read_base(inputs, info, device), spill.get(info.name, device)
+                        release_parameter(inputs, info.name)
+                        bar.update()
+                    return
+                results = backend.imap(
+                    merged_params,
+                    lambda info: read_parameter(inputs, info, device, lowrank=True),
+                    filtered,
+                    cost=lambda info: param_cost(inputs, info),
+                )
                 for info, item in zip(merged_params, results):
+                    if spill is not None:
+                        spill.put(info.name, item[2])
                     yield item
                     release_parameter(inputs, info.name)
                     bar.update()
+                if spill is not None:
+                    spill.complete = True  # only once every parameter went through
 
         assert stage.spec.prepare is not None
-        stats[stage.name] = stage.spec.prepare(_Passes(stream), stage.params)
+        try:
+            stats[stage.name] = stage.spec.prepare(_Passes(stream), stage.params)
+        finally:
+            if spill is not None:
+                spill.close()
     return stats
+
+
+def _spill_dir(inputs: MergeInputs, params: Sequence[ParamInfo]) -> Path | None:
+    """Where to spill the filtered task vectors of ``params``; None: off, or not enough disk."""
+    where = spill_dir()
+    nbytes = spill_bytes([info.shape for info in params], len(inputs.models), inputs.cfg.compute_dtype)
+    return where if where is not None and spill_fits(nbytes, where) else None
+
+
+def read_base(inputs: MergeInputs, info: ParamInfo, device: torch.device) -> Tensor:
+    """``theta_0`` of one parameter as :func:`read_parameter` returns it (compute dtype, on ``device``,
+    an ``(in, out)`` weight as its ``(out, in)`` view), without the task vectors or the finite check."""
+    base = to_device(inputs.base.get(info.name), device, inputs.cfg.compute_dtype)
+    return base.mT if info.transposed else base
 
 
 def param_cost(inputs: MergeInputs, info: ParamInfo) -> int:
