@@ -8,6 +8,7 @@ and reports medians. Peak RSS is the child's ``ru_maxrss`` (``os.wait4``), the w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -206,6 +207,13 @@ def run_with_peak(cmd: list[str], env: dict | None = None, timeout: float = 7200
 
 
 # -- results ----------------------------------------------------------------------------------------
+
+
+def digest(folder: Path) -> dict:
+    """Each file's SHA-256 in a merge output folder, except the model card (it holds the merge time)."""
+    return {
+        f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir()) if f.name != "README.md"
+    }
 
 
 def open_folder(path: Path):

@@ -15,7 +15,6 @@ whether the two outputs are the same bytes.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 from bench_util import (
     SRC,
     default_workdir,
+    digest,
     fmt_bytes,
     machine,
     make_family,
@@ -49,13 +49,6 @@ def worker(spec: dict) -> None:
     t0 = time.perf_counter()
     merge(spec["cfg"], spec["out"])
     print(json.dumps({"merge_s": time.perf_counter() - t0}))
-
-
-def digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(folder.glob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 def main() -> None:

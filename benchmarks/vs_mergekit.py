@@ -25,7 +25,6 @@ merged updates' L1 norms instead.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import shutil
@@ -38,6 +37,7 @@ from bench_util import (
     SRC,
     TINYLLAMA,
     default_workdir,
+    digest,
     fmt_bytes,
     llama_config,
     llama_layout,
@@ -95,12 +95,6 @@ with open(out / "model.safetensors", "wb", buffering=0) as fh:
         fh.write(view[:n])
         size -= n
 """
-
-
-def digest(folder: Path) -> dict:
-    return {
-        f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir()) if f.name != "README.md"
-    }
 
 
 def l1_rel_diff(base: Path, ours: Path, ref: Path) -> float:

@@ -18,6 +18,7 @@ memory). ``PACTMERGE_SPILL_DIR=none`` turns the spill off.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -33,13 +34,7 @@ from pactmerge.lowrank import Delta
 def spill_bytes(shapes: list[tuple[int, ...]], num_models: int, dtype: torch.dtype) -> int:
     """Bytes of ``num_models`` task vectors of every shape in ``shapes`` stored in ``dtype``."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    total = 0
-    for shape in shapes:
-        numel = 1
-        for s in shape:
-            numel *= s
-        total += numel
-    return total * itemsize * num_models
+    return sum(math.prod(shape) for shape in shapes) * itemsize * num_models
 
 
 def spill_dir() -> Path | None:
